@@ -1,0 +1,291 @@
+"""Command line: ``istn {train,test,synth,demo}`` and the published ``istn-reg``.
+
+Thin: parses, validates, calls the engine. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import Config, load_config
+from .errors import IstnError
+
+CONFIG_KEYS = ("epochs", "refine", "learning_rate", "batch_size", "val_interval")
+DEFAULT_3D = {"size": [64, 64, 64], "spacing": [2.0, 2.0, 2.0], "batch_size": 2}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def select_device(dev: str | int | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or an integer N (CUDA device N); default: cuda:0 if present."""
+    if dev is None or dev == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    name = f"cuda:{dev}" if str(dev).isdigit() else str(dev)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise IstnError(f"--dev/--device '{dev}' is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise IstnError(f"--dev/--device '{dev}': no CUDA device is available; use cpu")
+        if (device.index or 0) >= count:
+            raise IstnError(f"--dev/--device '{dev}': only {count} CUDA device(s) exist "
+                            f"(0..{count - 1})")
+    elif device.type != "cpu":
+        raise IstnError(f"--dev/--device '{dev}' is not supported; use cpu or cuda[:N]")
+    return device
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    overrides = {k: getattr(args, k, None) for k in CONFIG_KEYS}
+    if getattr(args, "config", None) is None and getattr(args, "mode3d", False):
+        overrides = {**DEFAULT_3D, **{k: v for k, v in overrides.items() if v is not None}}
+    cfg = load_config(getattr(args, "config", None), overrides)
+    if getattr(args, "mode3d", False) and cfg.dim != 3:
+        raise IstnError(f"--mode3d was given but config 'size' {cfg.size} is 2D; "
+                        "give a 3D size (x, y, z)")
+    return cfg
+
+
+def prepare_out(out: Path, marker: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to mix with a previous run in ``out`` unless asked to overwrite or resume."""
+    if marker.exists() and not (overwrite or resume):
+        raise IstnError(f"output folder '{out}' already holds a previous run ({marker.name}); "
+                        "use --overwrite to replace it, --resume to continue, or another --out")
+    if overwrite and marker.exists():
+        shutil.rmtree(marker.parent if marker.parent != out else out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
+    from .data import load_pairs
+    from .engine.model import CHECKPOINT, Model
+    from .engine.train import train
+
+    out = Path(args.out)
+    prepare_out(out, out / "train" / "model" / CHECKPOINT, args.overwrite, args.resume)
+    _seed(args.seed)
+    model = Model.build(cfg, args.loss, args.transformation)
+    train_set = load_pairs(cfg, args.train, args.train_seg, args.train_msk)
+    val_set = None
+    if args.val:
+        val_set = load_pairs(cfg, args.val, args.val_seg, args.val_msk,
+                             getattr(args, "val_points", None),
+                             getattr(args, "val_transforms", None))
+    print(f"training {args.transformation} {args.loss} on {len(train_set)} pairs "
+          f"({cfg.epochs} epochs, batch {cfg.batch_size}) on {device}; output in '{out}'")
+    t0 = time.perf_counter()
+    model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
+                      args.save_temp, progress=not args.quiet)
+    print(f"trained in {time.perf_counter() - t0:.1f} s; model in '{model_dir}'")
+    return model_dir
+
+
+def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
+            model_path: str) -> dict:
+    from .data import load_pairs
+    from .engine.model import load_model
+    from .engine.test import format_table, run_test
+
+    out = Path(args.out)
+    prepare_out(out, out / "test" / "summary.json", args.overwrite)
+    model, _ = load_model(model_path, cfg, getattr(args, "loss", None),
+                          getattr(args, "transformation", None))
+    model.to(device)
+    refine = 0 if args.no_refine else model.cfg.refine
+    ps = load_pairs(model.cfg, args.test, args.test_seg, args.test_msk,
+                    getattr(args, "test_points", None), getattr(args, "test_transforms", None))
+    summary = run_test(model, ps, out, device, refine, progress=not args.quiet)
+    print(format_table(summary))
+    print(f"tested {len(ps)} pairs in {summary['seconds']:.1f} s; results in '{out / 'test'}'")
+    return summary
+
+
+# ----------------------------------------------------------------------------- parsers
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="config file (JSON or YAML); defaults to the published "
+                   "synthetic 2D values (3D: 64^3 at 2 mm with --mode3d)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode3d", action="store_true", help="3D data (checks the config is 3D)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dev", "--device", dest="dev", default=None,
+                   help="device: cpu, cuda, cuda:N or N (CUDA device N); default cuda if present")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    for key, typ in (("epochs", int), ("refine", int), ("learning_rate", float),
+                     ("batch_size", int), ("val_interval", int)):
+        p.add_argument(f"--{key}", type=typ, default=None, help=f"override config '{key}'")
+
+
+def _add_model_kind(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--transformation", choices=["affine", "bspline"],
+                   default="affine" if required else None,
+                   help="transformation model (default affine)")
+    p.add_argument("--loss", choices=["u", "s", "e", "i"], default="i" if required else None,
+                   help="strategy: u STN-u, s STN-s, e ISTN-e, i ISTN-i (default i)")
+
+
+def _add_train(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--train", required=required, help="CSV of training pairs (src,trg)")
+    p.add_argument("--train_seg", help="CSV of training segmentations (SoI)")
+    p.add_argument("--train_msk", help="CSV of training masks (for normalisation statistics)")
+    p.add_argument("--val", help="CSV of validation pairs")
+    p.add_argument("--val_seg", help="CSV of validation segmentations")
+    p.add_argument("--val_msk", help="CSV of validation masks")
+    p.add_argument("--val_points", help="CSV of validation landmark images")
+    p.add_argument("--val_transforms", help="CSV of validation ground-truth transforms")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--save_temp", action="store_true",
+                   help="save a picture of validation pairs at every validation")
+
+
+def _add_test(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--test", required=required, help="CSV of test pairs (src,trg)")
+    p.add_argument("--test_seg", help="CSV of test segmentations (for Dice etc.)")
+    p.add_argument("--test_msk", help="CSV of test masks")
+    p.add_argument("--test_points", help="CSV of test landmark images (landmark error)")
+    p.add_argument("--test_transforms", help="CSV of ground-truth transforms "
+                   "(landmark_error_gt; 4x4 files, image index -> template index)")
+    p.add_argument("--no_refine", action="store_true", help="skip test-time refinement")
+
+
+def reg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="istn-reg", description="ISTN registration with the published command line: "
+        "trains when --train is given, then tests when --test is given.")
+    _add_common(p)
+    _add_model_kind(p, True)
+    p.add_argument("--model", help="model folder or checkpoint to test (default OUT/train/model)")
+    _add_train(p, False)
+    _add_test(p, False)
+    return p
+
+
+def main_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="istn", description="Image-and-Spatial Transformer "
+                                "Networks for structure-guided image registration.")
+    p.add_argument("--version", action="version", version=f"istn {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train an ISTN on pairs listed in CSV files")
+    _add_common(t)
+    _add_model_kind(t, True)
+    _add_train(t, True)
+    e = sub.add_parser("test", help="evaluate a trained model (with test-time refinement)")
+    _add_common(e)
+    _add_model_kind(e, False)
+    e.add_argument("--model", required=True, help="model folder (OUT/train/model) or checkpoint")
+    _add_test(e, True)
+    s = sub.add_parser("synth", help="generate a synthetic dataset with ground truth")
+    s.add_argument("dim", choices=["2d", "3d"], help="2D (PNG) or 3D (NIfTI) data")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--pairs", type=int, default=None, help="training pairs (2D 100, 3D 20)")
+    s.add_argument("--val", type=int, default=10, help="validation pairs (default 10)")
+    s.add_argument("--test", type=int, default=10, help="test pairs (default 10)")
+    s.add_argument("--size", type=int, nargs="+", default=None,
+                   help="image size x y [z] (default 128 128 / 64 64 64)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    d = sub.add_parser("demo", help="synthetic 2D data, train ISTN-i affine, test, report "
+                       "(a few minutes on a CPU)")
+    d.add_argument("--out", default="istn_demo", help="output folder (default istn_demo)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 30)")
+    d.add_argument("--dev", "--device", dest="dev", default=None, help="device (default auto)")
+    d.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_reg(args: argparse.Namespace) -> None:
+    if not args.train and not args.test:
+        raise IstnError("nothing to do: give --train (to train) and/or --test (to test)")
+    cfg = build_config(args)
+    device = select_device(args.dev)
+    model = args.model
+    if args.train:
+        model_dir = do_train(args, cfg, device)
+        model = model or str(model_dir)
+    if args.test:
+        if model is None:
+            model = str(Path(args.out) / "train" / "model")
+        do_test(args, cfg, device, model)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    do_train(args, build_config(args), select_device(args.dev))
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    cfg = build_config(args) if args.config else None
+    if cfg is None and any(getattr(args, k) is not None for k in CONFIG_KEYS):
+        from .engine.model import read_checkpoint
+
+        saved = read_checkpoint(args.model)["meta"]["config"]
+        cfg = load_config(None, {**saved, **{k: getattr(args, k) for k in CONFIG_KEYS}})
+    do_test(args, cfg, select_device(args.dev), args.model)
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from .synth import generate
+
+    dim = 2 if args.dim == "2d" else 3
+    n = args.pairs if args.pairs is not None else (100 if dim == 2 else 20)
+    if args.size is not None and len(args.size) != dim:
+        raise IstnError(f"--size needs {dim} numbers for {args.dim} data, got {args.size}")
+    t0 = time.perf_counter()
+    out = generate(args.out, dim=dim, n_train=n, n_val=args.val, n_test=args.test,
+                   size=args.size, seed=args.seed)
+    print(f"wrote {args.dim} synthetic data ({n} train, {args.val} val, {args.test} test "
+          f"pairs) to '{out}' in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed, epochs=args.epochs, device=select_device(args.dev),
+             overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> int:
+    args = parser.parse_args(argv)
+    try:
+        dispatch(args)
+    except IstnError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"istn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("istn: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "demo": cmd_demo}
+    return _run(main_parser(), argv, lambda a: commands[a.command](a))
+
+
+def main_reg(argv: list[str] | None = None) -> int:
+    return _run(reg_parser(), argv, cmd_reg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Typed configuration: the published JSON keys plus optional extensions.
+
+``size`` and ``spacing`` are in SimpleITK order (x, y[, z]); their length sets the
+dimension. Unknown keys and wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import IstnError
+
+NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
+REFINE_MODES = ("weights", "params")
+
+
+@dataclass
+class Config:
+    """Training/testing configuration (defaults: the published synthetic 2D values).
+
+    Published keys: epochs, refine, learning_rate, batch_size, val_interval,
+    normalizer_img, normalizer_seg, size, spacing. The rest are optional
+    extensions whose defaults reproduce the published behaviour.
+    """
+
+    epochs: int = 100
+    refine: int = 50
+    learning_rate: float = 1e-3
+    batch_size: int = 10
+    val_interval: int = 10
+    normalizer_img: str = "none"
+    normalizer_seg: str = "none"
+    size: list[int] = field(default_factory=lambda: [128, 128])
+    spacing: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    # Extensions: affine bounds (normalised units / radians / log-scale).
+    max_translation: float = 0.1
+    max_rotation: float = math.pi / 4
+    max_scaling: float = 0.2
+    max_shearing: float = math.pi / 4
+    # Extensions: B-spline model.
+    bspline_spacing: int = 10
+    max_displacement: float = 0.2
+    bspline_zero_init: bool = False
+    smoothness: float = 0.0
+    # Extensions: refinement ('weights' = fine-tune the STN as published,
+    # 'params' = optimise the transformation parameters directly).
+    refine_mode: str = "weights"
+    refine_learning_rate: float | None = None
+    refine_batch: int = 0
+
+    @property
+    def dim(self) -> int:
+        return len(self.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape in array order (z, y, x)."""
+        return tuple(self.size[::-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def stn_options(self, transformation: str) -> dict[str, Any]:
+        if transformation == "affine":
+            return dict(
+                max_translation=self.max_translation,
+                max_rotation=self.max_rotation,
+                max_scaling=self.max_scaling,
+                max_shearing=self.max_shearing,
+            )
+        return dict(
+            spacing=self.bspline_spacing,
+            max_displacement=self.max_displacement,
+            zero_init=self.bspline_zero_init,
+        )
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _check_type(key: str, value: Any, source: str) -> Any:
+    kind = _FIELDS[key].type
+    def bad(want: str) -> IstnError:
+        return IstnError(f"{source}: key '{key}' must be {want}, got {value!r}")
+
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        value = float(value)
+    elif kind == "float | None":
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad("a number or null")
+            value = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind.startswith("list"):
+        item = int if "int" in kind else float
+        if not isinstance(value, list | tuple) or not value:
+            raise bad("a list of 2 or 3 numbers")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise bad("a list of numbers")
+            if item is int and v != int(v):
+                raise bad("a list of integers")
+        value = [item(v) for v in value]
+    return value
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Check value ranges and consistency; raise IstnError naming the key."""
+    def err(key: str, msg: str) -> IstnError:
+        return IstnError(f"{source}: key '{key}' {msg}")
+
+    for key in ("epochs", "batch_size", "val_interval"):
+        if getattr(cfg, key) < 1:
+            raise err(key, f"must be >= 1, got {getattr(cfg, key)}")
+    if cfg.refine < 0:
+        raise err("refine", f"must be >= 0, got {cfg.refine}")
+    if cfg.refine_batch < 0:
+        raise err("refine_batch", "must be >= 0 (0 refines all pairs together)")
+    for key in ("learning_rate", "max_scaling", "max_displacement", "bspline_spacing"):
+        if not getattr(cfg, key) > 0:
+            raise err(key, f"must be > 0, got {getattr(cfg, key)}")
+    if cfg.refine_learning_rate is not None and not cfg.refine_learning_rate > 0:
+        raise err("refine_learning_rate", "must be > 0 or null")
+    if cfg.smoothness < 0:
+        raise err("smoothness", "must be >= 0")
+    for key in ("normalizer_img", "normalizer_seg"):
+        if getattr(cfg, key) not in NORMALIZERS:
+            raise err(key, f"must be one of {', '.join(NORMALIZERS)}; got '{getattr(cfg, key)}'")
+    if cfg.refine_mode not in REFINE_MODES:
+        raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}")
+    if len(cfg.size) not in (2, 3):
+        raise err("size", f"must have 2 (2D) or 3 (3D) entries, got {cfg.size}")
+    if len(cfg.spacing) != len(cfg.size):
+        raise err("spacing", f"must have as many entries as 'size' ({len(cfg.size)})")
+    if any(s <= 0 for s in cfg.spacing):
+        raise err("spacing", f"entries must be > 0, got {cfg.spacing}")
+    from .nets.stn import min_stn_size  # local: nets import config-free modules only
+
+    smallest = max(min_stn_size(), 36)
+    if any(n % 4 for n in cfg.size):
+        raise err("size", f"entries must be divisible by 4 (ITN down-samples twice), got {cfg.size}")
+    if any(n < smallest for n in cfg.size):
+        raise err("size", f"entries must be at least {smallest} for the STN encoder, got {cfg.size}")
+    return cfg
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from a mapping (unknown keys are errors)."""
+    if not isinstance(data, dict):
+        raise IstnError(f"{source}: expected a JSON/YAML object of key: value pairs")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise IstnError(
+            f"{source}: unknown key '{unknown[0]}'; valid keys: {', '.join(_FIELDS)}"
+        )
+    values = {k: _check_type(k, v, source) for k, v in data.items()}
+    return validate(Config(**values), source)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a JSON or YAML config file (or defaults if None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise IstnError(f"config file '{p}' does not exist or is not a file")
+        try:
+            text = p.read_text()
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise IstnError(f"config file '{p}' is not valid JSON/YAML: {e}") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise IstnError(f"{source}: expected an object of key: value pairs")
+    data = dict(data)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(data, source)

@@ -1,0 +1,177 @@
+"""Pair lists (CSV) and loading of pairs into tensors on the network grid.
+
+A pair CSV has the header ``src,trg`` and one pair per row. Parallel CSVs list
+segmentations (SoI), masks, landmark images and ground-truth transforms in the
+same row order. Relative paths resolve against the working directory first,
+then the CSV's own folder.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .config import Config
+from .errors import IstnError
+from .io import read_image
+from .preprocess import normalise, resample
+
+
+def read_pair_csv(path: str | Path, what: str = "pairs") -> list[tuple[Path, Path]]:
+    """Read a ``src,trg`` CSV and resolve its paths (working directory, then CSV folder)."""
+    p = Path(path)
+    if not p.is_file():
+        raise IstnError(f"{what} CSV '{p}' does not exist or is not a file")
+    try:
+        with open(p, newline="") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise IstnError(f"{what} CSV '{p}' cannot be parsed: {e}") from None
+    if not rows:
+        raise IstnError(f"{what} CSV '{p}' is empty; it needs a header 'src,trg' and one row per pair")
+    header = [c.strip() for c in rows[0]]
+    if header[:2] != ["src", "trg"]:
+        raise IstnError(f"{what} CSV '{p}' must start with the header row 'src,trg', "
+                        f"found '{','.join(rows[0])}'")
+    if len(rows) == 1:
+        raise IstnError(f"{what} CSV '{p}' has a header but no pairs")
+    out = []
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise IstnError(f"{what} CSV '{p}' line {i}: expected two columns 'src,trg', "
+                            f"got {row}")
+        out.append((_resolve(row[0].strip(), p), _resolve(row[1].strip(), p)))
+    return out
+
+
+def _resolve(entry: str, csv_path: Path) -> Path:
+    q = Path(entry)
+    if q.is_absolute() or q.exists():
+        return q
+    return csv_path.parent / q
+
+
+@dataclass
+class Geometry:
+    """Index <-> physical mapping of an image grid (indices and points in (x, y[, z]))."""
+
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+    size: tuple[int, ...]
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> Geometry:
+        d = img.GetDimension()
+        return cls(np.array(img.GetOrigin()), np.array(img.GetSpacing()),
+                   np.array(img.GetDirection()).reshape(d, d), tuple(img.GetSize()))
+
+    def to_physical(self, idx: np.ndarray) -> np.ndarray:
+        return self.origin + (idx * self.spacing) @ self.direction.T
+
+    def to_index(self, pts: np.ndarray) -> np.ndarray:
+        return ((pts - self.origin) @ self.direction) / self.spacing
+
+
+@dataclass
+class PairSet:
+    """Pairs preprocessed onto the network grid. Images are [N, 1, *shape] float32."""
+
+    names: list[str]
+    src: torch.Tensor
+    trg: torch.Tensor
+    src_seg: torch.Tensor | None = None
+    trg_seg: torch.Tensor | None = None
+    src_pts: torch.Tensor | None = None
+    trg_pts: torch.Tensor | None = None
+    # Ground-truth transforms (4x4, image index -> template index) per pair, or None.
+    transforms: list[tuple[np.ndarray, np.ndarray]] | None = None
+    # Geometry of each source/target file and of its network grid.
+    src_file: list[Geometry] = field(default_factory=list)
+    trg_file: list[Geometry] = field(default_factory=list)
+    src_grid: list[Geometry] = field(default_factory=list)
+    trg_grid: list[Geometry] = field(default_factory=list)
+    references: list[sitk.Image] = field(default_factory=list)  # target on the network grid
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _check_finite(arr: np.ndarray, path: Path) -> None:
+    if not np.isfinite(arr).all():
+        raise IstnError(f"image '{path}' contains NaN or Inf values; clean or mask them first")
+
+
+def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = None,
+                what: str = "image") -> tuple[np.ndarray, sitk.Image, sitk.Image]:
+    """Read, normalise and resample one image. Returns (array, resampled image, file image).
+
+    ``kind`` selects the normaliser: 'img' (normalizer_img), 'seg' (normalizer_seg)
+    or 'raw' (none; landmark images and masks).
+    """
+    img = read_image(path, what)
+    if img.GetDimension() != cfg.dim:
+        raise IstnError(f"{what} '{path}' is {img.GetDimension()}D but the config is {cfg.dim}D "
+                        f"(size {cfg.size}); use a {img.GetDimension()}D config or --mode3d")
+    arr = sitk.GetArrayFromImage(img)
+    _check_finite(arr, path)
+    mask = None
+    if mask_path is not None:
+        mimg = read_image(mask_path, "mask")
+        if mimg.GetSize() != img.GetSize():
+            raise IstnError(f"mask '{mask_path}' has size {mimg.GetSize()} but its image "
+                            f"'{path}' has size {img.GetSize()}; masks must match their image")
+        mask = sitk.GetArrayFromImage(mimg)
+    norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
+    norm_img = sitk.GetImageFromArray(normalise(arr, norm, mask, f"{what} '{path}'"))
+    norm_img.CopyInformation(img)
+    res = resample(norm_img, cfg.spacing, cfg.size)
+    return sitk.GetArrayFromImage(res), res, img
+
+
+def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
+               masks: str | Path | None = None, points: str | Path | None = None,
+               transforms: str | Path | None = None) -> PairSet:
+    """Load all pairs listed in the CSVs onto the network grid (images normalised)."""
+    pairs = read_pair_csv(images, "image")
+    extra: dict[str, list[tuple[Path, Path]] | None] = {}
+    for key, path in (("seg", segs), ("mask", masks), ("points", points),
+                      ("transforms", transforms)):
+        extra[key] = read_pair_csv(path, key) if path is not None else None
+        if extra[key] is not None and len(extra[key]) != len(pairs):
+            raise IstnError(f"{key} CSV '{path}' lists {len(extra[key])} pairs but image CSV "
+                            f"'{images}' lists {len(pairs)}; the CSVs must be parallel")
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in
+                                           ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")}
+    ps = PairSet(names=[], src=torch.empty(0), trg=torch.empty(0))
+    for i, (s, t) in enumerate(pairs):
+        ms, mt = extra["mask"][i] if extra["mask"] else (None, None)
+        sa, sres, sfile = load_volume(s, cfg, "img", ms, "source image")
+        ta, tres, tfile = load_volume(t, cfg, "img", mt, "target image")
+        arrays["src"].append(sa)
+        arrays["trg"].append(ta)
+        for key, kind, what in (("seg", "seg", "segmentation"), ("points", "raw", "landmarks")):
+            if extra[key] is not None:
+                ss, ts = extra[key][i]
+                prefix = "seg" if key == "seg" else "pts"
+                arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what)[0])
+                arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what)[0])
+        ps.names.append(Path(s).name.split(".")[0])
+        ps.src_file.append(Geometry.of(sfile))
+        ps.trg_file.append(Geometry.of(tfile))
+        ps.src_grid.append(Geometry.of(sres))
+        ps.trg_grid.append(Geometry.of(tres))
+        ps.references.append(tres)
+    if extra["transforms"] is not None:
+        from .synth import read_transform
+
+        ps.transforms = [(read_transform(a), read_transform(b)) for a, b in extra["transforms"]]
+    for key, vals in arrays.items():
+        if vals:
+            setattr(ps, key, torch.from_numpy(np.stack(vals)[:, None]).float())
+    return ps

@@ -1,0 +1,1 @@
+"""Training, evaluation, refinement and checkpoints."""

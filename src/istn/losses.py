@@ -1,0 +1,66 @@
+"""Training losses of the four strategies (MSE everywhere).
+
+``W(x)`` is ``x`` warped by the predicted transformation; ``S'``, ``T'`` are the
+ITN outputs (or the images themselves for STN-u / STN-s).
+
+    loss_itn   = MSE(ITN(S), S_seg) + MSE(ITN(T), T_seg)
+    loss_stn_u = MSE(W(S), T)
+    loss_stn_s = MSE(W(S_seg), T_seg)
+    loss_stn_i = MSE(W(ITN(S)), T_seg) + MSE(W(S_seg), ITN(T))
+    loss_stn_r = MSE(W(S'), T')                       (refinement)
+
+    u: loss_stn_u   s: loss_stn_s   e: loss_itn + loss_stn_s   i: loss_stn_i + loss_stn_s
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import IstnError
+from .spatial import warp
+
+STRATEGIES = {"u": "STN-u", "s": "STN-s", "e": "ISTN-e", "i": "ISTN-i"}
+
+
+def uses_itn(strategy: str) -> bool:
+    """ISTN-e and ISTN-i feed ITN outputs to the STN; STN-u/-s feed the images."""
+    return strategy in ("e", "i")
+
+
+def needs_seg(strategy: str) -> bool:
+    return strategy != "u"
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise IstnError(f"loss/strategy '{strategy}' is unknown; use one of u, s, e, i")
+    return strategy
+
+
+def training_loss(strategy: str, grid: torch.Tensor, src: torch.Tensor, trg: torch.Tensor,
+                  src_prime: torch.Tensor, trg_prime: torch.Tensor,
+                  src_seg: torch.Tensor | None, trg_seg: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total training loss of ``strategy`` and its named terms (for logging)."""
+    terms: dict[str, torch.Tensor] = {}
+    if strategy == "u":
+        terms["stn_u"] = F.mse_loss(warp(src, grid), trg)
+    else:
+        if src_seg is None or trg_seg is None:
+            raise IstnError(f"strategy '{strategy}' needs segmentations (--train_seg)")
+        warped_seg = warp(src_seg, grid)
+        terms["stn_s"] = F.mse_loss(warped_seg, trg_seg)
+        if strategy == "e":
+            terms["itn"] = F.mse_loss(src_prime, src_seg) + F.mse_loss(trg_prime, trg_seg)
+        elif strategy == "i":
+            terms["stn_i"] = (F.mse_loss(warp(src_prime, grid), trg_seg)
+                              + F.mse_loss(warped_seg, trg_prime))
+    return torch.stack(list(terms.values())).sum(), terms
+
+
+def refinement_loss(grid: torch.Tensor, src_prime: torch.Tensor, trg_prime: torch.Tensor
+                    ) -> torch.Tensor:
+    """Per-pair ``MSE(W(S'), T')`` [B]: summing it keeps each pair's gradient its own."""
+    diff = (warp(src_prime, grid) - trg_prime) ** 2
+    return diff.flatten(1).mean(1)
