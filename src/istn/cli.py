@@ -203,7 +203,7 @@ def main_parser() -> argparse.ArgumentParser:
                        "(a few minutes on a CPU)")
     d.add_argument("--out", default="istn_demo", help="output folder (default istn_demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 30)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 40)")
     d.add_argument("--dev", "--device", dest="dev", default=None, help="device (default auto)")
     d.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
