@@ -191,15 +191,12 @@ def test_spacing_must_be_positive(spacing):
         from_dict(dict(PUBLISHED, spacing=spacing))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: NaN/inf spacing passes validate (`s <= 0` is False)")
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_spacing_is_rejected(bad):
     with pytest.raises(IstnError, match="'spacing'"):
         from_dict(dict(PUBLISHED, spacing=[bad, 1]))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: int(nan)/int(inf) in _check_type raises "
-                                       "ValueError/OverflowError instead of IstnError")
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_size_is_an_istn_error(bad):
     with pytest.raises(IstnError, match="'size'"):

@@ -136,8 +136,6 @@ def test_constant_non_dyadic_image_is_an_error(kind):
         normalise(np.full((48, 48), 0.1, np.float32), kind)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: float32 mean/std of a constant 0.1 image gives "
-                                       "std ~7e-9 > 0, so the 'scale <= 0' check misses it")
 @pytest.mark.parametrize("value", [0.1, 0.3])
 def test_constant_non_dyadic_image_zero_mean_unit_var(value):
     arr = np.full((48, 48), value, np.float32)

@@ -30,7 +30,7 @@ def blobs(shape, seed=0):
     for _ in range(6):
         c = [rng.uniform(0.35 * n, 0.65 * n) for n in shape]
         s = rng.uniform(2.0, 4.0)
-        img += np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c)) / (2 * s * s))
+        img += np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=True)) / (2 * s * s))
     return img.astype(np.float32)
 
 

@@ -31,7 +31,8 @@ def select_device(dev: str | int | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise IstnError(f"--dev/--device '{dev}' is not a device; use cpu, cuda or cuda:N") from None
+        raise IstnError(f"--dev/--device '{dev}' is not a device; "
+                        "use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0:

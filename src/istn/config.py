@@ -115,6 +115,8 @@ def _check_type(key: str, value: Any, source: str) -> Any:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise bad("a list of numbers")
+            if not math.isfinite(v):
+                raise bad("a list of finite numbers")
             if item is int and v != int(v):
                 raise bad("a list of integers")
         value = [item(v) for v in value]
@@ -155,9 +157,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
 
     smallest = max(min_stn_size(), 36)
     if any(n % 4 for n in cfg.size):
-        raise err("size", f"entries must be divisible by 4 (ITN down-samples twice), got {cfg.size}")
+        raise err("size", f"entries must be divisible by 4 (the ITN down-samples twice), "
+                  f"got {cfg.size}")
     if any(n < smallest for n in cfg.size):
-        raise err("size", f"entries must be at least {smallest} for the STN encoder, got {cfg.size}")
+        raise err("size", f"entries must be at least {smallest} for the STN encoder, "
+                  f"got {cfg.size}")
     return cfg
 
 

@@ -28,12 +28,15 @@ def read_pair_csv(path: str | Path, what: str = "pairs") -> list[tuple[Path, Pat
     if not p.is_file():
         raise IstnError(f"{what} CSV '{p}' does not exist or is not a file")
     try:
-        with open(p, newline="") as f:
-            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+        with open(p, newline="", encoding="utf-8-sig") as f:  # tolerate Excel's BOM
+            reader = csv.reader(f)
+            numbered = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     except (UnicodeDecodeError, csv.Error) as e:
         raise IstnError(f"{what} CSV '{p}' cannot be parsed: {e}") from None
+    rows = [r for _, r in numbered]
     if not rows:
-        raise IstnError(f"{what} CSV '{p}' is empty; it needs a header 'src,trg' and one row per pair")
+        raise IstnError(f"{what} CSV '{p}' is empty; it needs a header 'src,trg' "
+                        "and one row per pair")
     header = [c.strip() for c in rows[0]]
     if header[:2] != ["src", "trg"]:
         raise IstnError(f"{what} CSV '{p}' must start with the header row 'src,trg', "
@@ -41,7 +44,7 @@ def read_pair_csv(path: str | Path, what: str = "pairs") -> list[tuple[Path, Pat
     if len(rows) == 1:
         raise IstnError(f"{what} CSV '{p}' has a header but no pairs")
     out = []
-    for i, row in enumerate(rows[1:], start=2):
+    for i, row in numbered[1:]:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise IstnError(f"{what} CSV '{p}' line {i}: expected two columns 'src,trg', "
                             f"got {row}")
@@ -75,7 +78,7 @@ class Geometry:
         return self.origin + (idx * self.spacing) @ self.direction.T
 
     def to_index(self, pts: np.ndarray) -> np.ndarray:
-        return ((pts - self.origin) @ self.direction) / self.spacing
+        return np.linalg.solve(self.direction, (pts - self.origin).T).T / self.spacing
 
 
 @dataclass
@@ -146,8 +149,8 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
         if extra[key] is not None and len(extra[key]) != len(pairs):
             raise IstnError(f"{key} CSV '{path}' lists {len(extra[key])} pairs but image CSV "
                             f"'{images}' lists {len(pairs)}; the CSVs must be parallel")
-    arrays: dict[str, list[np.ndarray]] = {k: [] for k in
-                                           ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")}
+    keys = ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     ps = PairSet(names=[], src=torch.empty(0), trg=torch.empty(0))
     for i, (s, t) in enumerate(pairs):
         ms, mt = extra["mask"][i] if extra["mask"] else (None, None)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -28,12 +30,34 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError:
         raise IstnError(f"{what} '{p}' cannot be read as an image (corrupt or unsupported "
                         "format); use PNG, NIfTI, MHA, NRRD or another SimpleITK format") from None
+    if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
+        raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
     if img.GetNumberOfComponentsPerPixel() > 1:
         arr = sitk.GetArrayFromImage(img).astype(np.float32).mean(axis=-1)
         out = sitk.GetImageFromArray(arr)
         out.CopyInformation(img)
         img = out
     return sitk.Cast(img, sitk.sitkFloat32)
+
+
+def _nifti_finite(path: Path) -> bool:
+    """True unless a NIfTI-1 float file holds NaN/Inf (SimpleITK silently zeroes them)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            hdr = f.read(348)
+            if len(hdr) < 348:
+                return True
+            end = "<" if struct.unpack("<i", hdr[:4])[0] == 348 else ">"
+            if struct.unpack(end + "i", hdr[:4])[0] != 348:
+                return True  # NIfTI-2 or not NIfTI: leave it to SimpleITK
+            dtype = {16: "f4", 64: "f8"}.get(struct.unpack(end + "h", hdr[70:72])[0])
+            if dtype is None:
+                return True
+            f.seek(int(struct.unpack(end + "f", hdr[108:112])[0]))
+            return bool(np.isfinite(np.frombuffer(f.read(), end + dtype)).all())
+    except (OSError, EOFError, struct.error):
+        return True
 
 
 def atomic_path(path: str | Path) -> Path:
@@ -43,6 +67,9 @@ def atomic_path(path: str | Path) -> Path:
     suffix = "".join(p.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name.split('.')[0]}-", suffix=suffix, dir=p.parent)
     os.close(fd)
+    umask = os.umask(0)  # mkstemp makes 0600 files; give the final file the usual mode
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 

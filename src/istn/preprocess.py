@@ -35,7 +35,7 @@ def normalise(arr: np.ndarray, kind: str, mask: np.ndarray | None = None,
         lo, scale = float(values.min()), float(values.max() - values.min())
     else:
         raise IstnError(f"unknown normaliser '{kind}'")
-    if scale <= 0:
+    if scale <= 0 or float(values.max()) == float(values.min()):
         raise IstnError(f"{name} is constant (inside its mask), so normaliser '{kind}' would "
                         "divide by zero; use normalizer 'none' or check the image")
     return (arr - lo) / scale

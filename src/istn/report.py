@@ -28,7 +28,7 @@ def middle_slice(vol: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def mosaic(vol: torch.Tensor) -> torch.Tensor:
-    """A [*spatial] volume as one 2D image: itself in 2D, three central slices side by side in 3D."""
+    """A [*spatial] volume as one 2D image: itself in 2D, three central slices side by side."""
     if vol.dim() == 2:
         return vol
     z, y, x = vol.shape

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import report
 from ..data import PairSet
 from ..errors import IstnError
 from ..io import write_text
 from ..losses import needs_seg, training_loss
 from ..metrics import mean_metrics
-from .. import report
 from .evaluate import evaluate
 from .model import CHECKPOINT, Model, read_checkpoint, save_checkpoint, write_model_info
 

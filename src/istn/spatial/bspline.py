@@ -51,7 +51,7 @@ def bspline_basis(
 def _einsum_dense(dim: int) -> str:
     """'bcij,yi,xj->bcyx'-style equation for separable evaluation on a grid."""
     cp, out = string.ascii_lowercase[8 : 8 + dim], "zyx"[3 - dim :]
-    return f"bc{cp}," + ",".join(f"{o}{c}" for o, c in zip(out, cp)) + f"->bc{out}"
+    return f"bc{cp}," + ",".join(f"{o}{c}" for o, c in zip(out, cp, strict=True)) + f"->bc{out}"
 
 
 def _einsum_points(dim: int) -> str:
@@ -75,7 +75,8 @@ class BSplineModel(torch.nn.Module):
         sp = [spacing] * self.dim if isinstance(spacing, int | float) else list(spacing)
         self.spacing = tuple(float(s) for s in sp)  # array order (z, y, x)
         self.control_shape = control_grid_shape(self.shape, self.spacing)
-        for a, (n, ncp, s) in enumerate(zip(self.shape, self.control_shape, self.spacing)):
+        axes = zip(self.shape, self.control_shape, self.spacing, strict=True)
+        for a, (n, ncp, s) in enumerate(axes):
             pos = torch.arange(n, dtype=torch.float32)
             self.register_buffer(f"basis{a}", bspline_basis(pos, n, ncp, s), persistent=False)
         self.register_buffer("identity", identity_grid(self.shape), persistent=False)
