@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, cli_register
 from .config import Config, load_config
 from .errors import IstnError
 
@@ -56,13 +56,28 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def prepare_out(out: Path, marker: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to mix with a previous run in ``out`` unless asked to overwrite or resume."""
+def prepare_out(out: Path, marker: Path, overwrite: bool, resume: bool = False,
+                create: bool = True, clear: tuple[Path, ...] | None = None) -> None:
+    """Refuse to mix with a previous run in ``out`` unless asked to overwrite or resume.
+
+    ``create=False`` only checks (call it before loading anything, so that a refusal
+    costs nothing and writes nothing). ``create=True`` (call it once every input is
+    validated) removes the previous run's folders ``clear`` (default: the marker's
+    folder) when ``overwrite`` is given, then creates ``out``.
+    """
+    if overwrite and resume:
+        raise IstnError("--overwrite and --resume contradict each other (--resume continues "
+                        "the run in --out, --overwrite replaces it); give only one")
+    if out.exists() and not out.is_dir():
+        raise IstnError(f"--out '{out}' exists and is not a folder; give a folder")
     if marker.exists() and not (overwrite or resume):
         raise IstnError(f"output folder '{out}' already holds a previous run ({marker.name}); "
                         "use --overwrite to replace it, --resume to continue, or another --out")
+    if not create:
+        return
     if overwrite and marker.exists():
-        shutil.rmtree(marker.parent if marker.parent != out else out, ignore_errors=True)
+        for folder in clear or (marker.parent if marker.parent != out else out,):
+            shutil.rmtree(folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -71,12 +86,25 @@ def _seed(seed: int) -> None:
 
 
 def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
+    """Validate every input, then create the output folder and train.
+
+    Data are loaded and checked before anything is written, so a bad input leaves
+    no output folder behind (and --overwrite deletes nothing).
+    """
     from .data import load_pairs
     from .engine.model import CHECKPOINT, Model
     from .engine.train import train
+    from .losses import needs_seg
 
     out = Path(args.out)
-    prepare_out(out, out / "train" / "model" / CHECKPOINT, args.overwrite, args.resume)
+    marker = out / "train" / "model" / CHECKPOINT
+    prepare_out(out, marker, args.overwrite, args.resume, create=False)
+    if needs_seg(args.loss):
+        for flag, given, seg in (("--train", args.train, args.train_seg),
+                                 ("--val", args.val, args.val_seg)):
+            if given and not seg:
+                raise IstnError(f"strategy '{args.loss}' needs segmentations for {flag}: give "
+                                f"{flag}_seg (or use --loss u)")
     _seed(args.seed)
     model = Model.build(cfg, args.loss, args.transformation)
     train_set = load_pairs(cfg, args.train, args.train_seg, args.train_msk)
@@ -85,6 +113,11 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
         val_set = load_pairs(cfg, args.val, args.val_seg, args.val_msk,
                              getattr(args, "val_points", None),
                              getattr(args, "val_transforms", None))
+    prepare_out(out, marker, args.overwrite, args.resume,
+                clear=(out / "train", out / "tensorboard"))
+    if args.resume:
+        print(f"resuming from '{marker}'" if marker.is_file() else
+              f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
     print(f"training {args.transformation} {args.loss} on {len(train_set)} pairs "
           f"({cfg.epochs} epochs, batch {cfg.batch_size}) on {device}; output in '{out}'")
     t0 = time.perf_counter()
@@ -95,19 +128,25 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
 
 
 def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
-            model_path: str) -> dict:
+            model_path: str, pairs=None) -> dict:
+    """Load and check the model and the test pairs (``pairs``: already loaded), then test."""
     from .data import load_pairs
     from .engine.model import load_model
     from .engine.test import format_table, run_test
 
     out = Path(args.out)
-    prepare_out(out, out / "test" / "summary.json", args.overwrite)
+    marker = out / "test" / "summary.json"
+    # istn-reg --resume re-tests the resumed model: its old results are replaced
+    replace = bool(getattr(args, "resume", False) and getattr(args, "train", None))
+    prepare_out(out, marker, args.overwrite, replace, create=False)
     model, _ = load_model(model_path, cfg, getattr(args, "loss", None),
                           getattr(args, "transformation", None))
-    model.to(device)
     refine = 0 if args.no_refine else model.cfg.refine
-    ps = load_pairs(model.cfg, args.test, args.test_seg, args.test_msk,
-                    getattr(args, "test_points", None), getattr(args, "test_transforms", None))
+    ps = pairs if pairs is not None else load_pairs(
+        model.cfg, args.test, args.test_seg, args.test_msk,
+        getattr(args, "test_points", None), getattr(args, "test_transforms", None))
+    prepare_out(out, marker, args.overwrite and not replace, replace, clear=(out / "test",))
+    model.to(device)
     summary = run_test(model, ps, out, device, refine, progress=not args.quiet)
     print(format_table(summary))
     print(f"tested {len(ps)} pairs in {summary['seconds']:.1f} s; results in '{out / 'test'}'")
@@ -209,6 +248,7 @@ def main_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    cli_register.add_parsers(sub)
     return p
 
 
@@ -219,14 +259,29 @@ def cmd_reg(args: argparse.Namespace) -> None:
         raise IstnError("nothing to do: give --train (to train) and/or --test (to test)")
     cfg = build_config(args)
     device = select_device(args.dev)
+    out = Path(args.out)
     model = args.model
+    test_set = None
+    if args.train and args.test:
+        # check the test side before training, so that no error waits for the end of training
+        prepare_out(out, out / "test" / "summary.json", args.overwrite, args.resume,
+                    create=False)
+        if model is None:
+            from .data import load_pairs
+
+            test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
+                                  args.test_points, args.test_transforms)
+        else:
+            from .engine.model import load_model
+
+            load_model(model, cfg, args.loss, args.transformation)
     if args.train:
         model_dir = do_train(args, cfg, device)
         model = model or str(model_dir)
     if args.test:
         if model is None:
-            model = str(Path(args.out) / "train" / "model")
-        do_test(args, cfg, device, model)
+            model = str(out / "train" / "model")
+        do_test(args, cfg, device, model, test_set)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -265,22 +320,56 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> int:
+    """Run a command; every failure is one line on stderr (a traceback only with --debug).
+
+    Exit codes: 0 done, 2 user error (bad input, file, option) or an unusable
+    environment (disk full, no permission, out of memory), 130 / 143 stopped by
+    SIGINT / SIGTERM (training saves a checkpoint first), 1 an unexpected internal error.
+    """
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+
+    def fail(message: str, code: int) -> int:
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        print(f"istn: {text}", file=sys.stderr)
+        return code
+
+    oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
     try:
         dispatch(args)
     except IstnError as e:
-        if getattr(args, "debug", False):
+        code = getattr(e, "exit_code", 2)
+        if debug and code == 2:
             raise
-        print(f"istn: error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"error: {e}" if code == 2 else str(e), code)
     except KeyboardInterrupt:
-        print("istn: interrupted", file=sys.stderr)
-        return 130
+        if debug:
+            raise
+        return fail("interrupted", 130)
+    except oom:
+        if debug:
+            raise
+        return fail("error: out of memory; lower batch_size or size, use --dev cpu, "
+                    "or free memory (--debug shows where)", 2)
+    except OSError as e:
+        if debug:
+            raise
+        where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
+        return fail(f"error: {e.strerror or e}{where} (check the path, permissions and free "
+                    "disk space)", 2)
+    except Exception as e:
+        if debug:
+            raise
+        return fail(f"internal error: {type(e).__name__}: {e}; this is a bug or an input "
+                    "istn does not check yet: rerun with --debug for the traceback and "
+                    "report it", 1)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "demo": cmd_demo}
+    commands = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "demo": cmd_demo,
+                "register": cli_register.cmd_register, "apply": cli_register.cmd_apply,
+                "points": cli_register.cmd_points}
     return _run(main_parser(), argv, lambda a: commands[a.command](a))
 
 

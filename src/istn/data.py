@@ -149,6 +149,18 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
         if extra[key] is not None and len(extra[key]) != len(pairs):
             raise IstnError(f"{key} CSV '{path}' lists {len(extra[key])} pairs but image CSV "
                             f"'{images}' lists {len(pairs)}; the CSVs must be parallel")
+    return load_pair_lists(cfg, pairs, extra["seg"], extra["mask"], extra["points"],
+                           extra["transforms"])
+
+
+Pairs = list[tuple[Path, Path]]
+
+
+def load_pair_lists(cfg: Config, pairs: Pairs, segs: Pairs | None = None,
+                    masks: Pairs | None = None, points: Pairs | None = None,
+                    transforms: Pairs | None = None) -> PairSet:
+    """Load pairs given as parallel lists of (source, target) paths onto the network grid."""
+    extra = {"seg": segs, "mask": masks, "points": points, "transforms": transforms}
     keys = ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     ps = PairSet(names=[], src=torch.empty(0), trg=torch.empty(0))

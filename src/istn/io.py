@@ -98,3 +98,13 @@ def array_to_image(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(np.asarray(arr, dtype=np.float32))
     img.CopyInformation(reference)
     return img
+
+
+def write_transform(transform: sitk.Transform, path: str | Path) -> None:
+    """Write an ITK transform file (.tfm, .h5) atomically."""
+    tmp = atomic_path(path)
+    try:
+        sitk.WriteTransform(transform, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -110,3 +110,57 @@ def pair_grid(ps, res: dict, path: Path, max_pairs: int = 4) -> None:
         axes[r, 0].set_ylabel(ps.names[r], fontsize=7)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _views(a: np.ndarray | None) -> list[np.ndarray | None]:
+    """2D: the image; 3D: three orthogonal slices through the centre."""
+    if a is None:
+        return [None]
+    if a.ndim == 2:
+        return [a]
+    z, y, x = a.shape
+    return [a[z // 2], a[:, y // 2], a[:, :, x // 2]]
+
+
+def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """Alternate tiles of ``a`` and ``b`` (both scaled to [0, 1])."""
+    def s(v):
+        lo, hi = np.percentile(v, [1, 99])
+        return np.clip((v - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(v)
+
+    idx = np.indices(a.shape)
+    cell = [np.maximum(n // tiles, 1) for n in a.shape]
+    mask = sum(i // c for i, c in zip(idx, cell, strict=True)) % 2 == 0
+    return np.where(mask, s(a), s(b))
+
+
+def registration_figure(before: np.ndarray, target: np.ndarray, warped: np.ndarray,
+                        target_seg: np.ndarray | None, source_seg: np.ndarray | None,
+                        warped_seg: np.ndarray | None, path: Path) -> None:
+    """Source, target, warped source, checkerboard, SoI contours before/after (PNG)."""
+    cols = ["source (on target grid)", "target", "warped source", "checkerboard"]
+    with_seg = target_seg is not None and source_seg is not None and warped_seg is not None
+    if with_seg:
+        cols += ["SoI before", "SoI after"]
+    vb, vt, vw = _views(before), _views(target), _views(warped)
+    vts, vss, vws = _views(target_seg), _views(source_seg), _views(warped_seg)
+    rows = len(vt)
+    fig, axes = plt.subplots(rows, len(cols), figsize=(2.6 * len(cols), 2.6 * rows),
+                             squeeze=False)
+    for r in range(rows):
+        panels = [vb[r], vt[r], vw[r], checkerboard(vt[r], vw[r])]
+        for c, im in enumerate(panels):
+            axes[r, c].imshow(im, cmap="gray")
+        if with_seg:
+            for c, (bg, moving) in enumerate(((vb[r], vss[r]), (vw[r], vws[r])), start=4):
+                axes[r, c].imshow(bg, cmap="gray")
+                for seg, color in ((vts[r], "lime"), (moving, "magenta")):
+                    if np.any(seg > 0) and not np.all(seg > 0):
+                        axes[r, c].contour(seg > 0, levels=[0.5], colors=color, linewidths=0.8)
+        for c in range(len(cols)):
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[0, c].set_title(cols[c], fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
