@@ -197,7 +197,8 @@ def _add_test(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--test", required=required, help="CSV of test pairs (src,trg)")
     p.add_argument("--test_seg", help="CSV of test segmentations (for Dice etc.)")
     p.add_argument("--test_msk", help="CSV of test masks")
-    p.add_argument("--test_points", help="CSV of test landmark images (landmark error)")
+    p.add_argument("--test_points", help="CSV of test landmark images or of point "
+                   "CSVs x,y[,z] (landmark error)")
     p.add_argument("--test_transforms", help="CSV of ground-truth transforms "
                    "(landmark_error_gt; 4x4 files, image index -> template index)")
     p.add_argument("--no_refine", action="store_true", help="skip test-time refinement")

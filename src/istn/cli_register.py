@@ -156,7 +156,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_points(args: argparse.Namespace) -> None:
-    from .engine.register import read_points, write_points
+    from .data import read_points, write_points
     from .export import read_transform
 
     tx = read_transform(args.transform)

@@ -9,6 +9,7 @@ then the CSV's own folder.
 from __future__ import annotations
 
 import csv
+import io as _io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,34 @@ def _resolve(entry: str, csv_path: Path) -> Path:
     return csv_path.parent / q
 
 
+def read_points(path: Path, dim: int) -> np.ndarray:
+    """Physical points from a CSV with header ``x,y[,z]`` (one point per row)."""
+    if not Path(path).is_file():
+        raise IstnError(f"points CSV '{path}' does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    want = ["x", "y", "z"][:dim]
+    if not rows or [c.strip() for c in rows[0]][:dim] != want:
+        raise IstnError(f"points CSV '{path}' must start with the header '{','.join(want)}'")
+    try:
+        pts = np.array([[float(v) for v in r[:dim]] for r in rows[1:]], dtype=float)
+    except ValueError:
+        raise IstnError(f"points CSV '{path}' has a non-numeric coordinate") from None
+    if pts.size and (pts.shape[1] != dim or not np.isfinite(pts).all()):
+        raise IstnError(f"points CSV '{path}' needs {dim} finite coordinates per row")
+    return pts.reshape(-1, dim)
+
+
+def write_points(points: np.ndarray, path: Path) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["x", "y", "z"][: points.shape[1]])
+    w.writerows([[f"{v:.6f}" for v in p] for p in points])
+    from .io import write_text
+
+    write_text(buf.getvalue(), path)
+
+
 @dataclass
 class Geometry:
     """Index <-> physical mapping of an image grid (indices and points in (x, y[, z]))."""
@@ -100,6 +129,9 @@ class PairSet:
     src_grid: list[Geometry] = field(default_factory=list)
     trg_grid: list[Geometry] = field(default_factory=list)
     references: list[sitk.Image] = field(default_factory=list)  # target on the network grid
+    # Landmarks given as point CSVs (network-grid indices, rows correspond), or None.
+    src_landmarks: list[np.ndarray] | None = None
+    trg_landmarks: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -156,6 +188,17 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
 Pairs = list[tuple[Path, Path]]
 
 
+def _point_csvs(points: Pairs | None) -> bool:
+    """True if the landmark list names point CSVs (x,y[,z]) rather than landmark images."""
+    if not points:
+        return False
+    kinds = {str(p).lower().endswith(".csv") for pair in points for p in pair}
+    if len(kinds) > 1:
+        raise IstnError("the points CSV mixes landmark images and point CSV files; "
+                        "use one kind for every pair")
+    return kinds.pop()
+
+
 def load_pair_lists(cfg: Config, pairs: Pairs, segs: Pairs | None = None,
                     masks: Pairs | None = None, points: Pairs | None = None,
                     transforms: Pairs | None = None) -> PairSet:
@@ -164,13 +207,25 @@ def load_pair_lists(cfg: Config, pairs: Pairs, segs: Pairs | None = None,
     keys = ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     ps = PairSet(names=[], src=torch.empty(0), trg=torch.empty(0))
+    point_csvs = _point_csvs(points)
+    if point_csvs:
+        ps.src_landmarks, ps.trg_landmarks = [], []
     for i, (s, t) in enumerate(pairs):
         ms, mt = extra["mask"][i] if extra["mask"] else (None, None)
         sa, sres, sfile = load_volume(s, cfg, "img", ms, "source image")
         ta, tres, tfile = load_volume(t, cfg, "img", mt, "target image")
         arrays["src"].append(sa)
         arrays["trg"].append(ta)
+        if point_csvs:
+            ss, ts = extra["points"][i]
+            ps.src_landmarks.append(Geometry.of(sres).to_index(read_points(ss, cfg.dim)))
+            ps.trg_landmarks.append(Geometry.of(tres).to_index(read_points(ts, cfg.dim)))
+            if len(ps.src_landmarks[-1]) != len(ps.trg_landmarks[-1]):
+                raise IstnError(f"points CSVs '{ss}' and '{ts}' list different numbers of "
+                                "points; rows must correspond")
         for key, kind, what in (("seg", "seg", "segmentation"), ("points", "raw", "landmarks")):
+            if key == "points" and point_csvs:
+                continue
             if extra[key] is not None:
                 ss, ts = extra[key][i]
                 prefix = "seg" if key == "seg" else "pts"

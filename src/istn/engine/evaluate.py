@@ -136,7 +136,9 @@ def pair_metrics(model: Model, ps: PairSet, params: torch.Tensor | None,
     Overlap: warped source SoI vs target SoI, binarised at 0.5, physical spacing.
     landmark_error: centroids of the source landmark blobs mapped to the target by the
     inverse of the sampling map, matched one-to-one (Hungarian, minimum total distance)
-    to the target's centroids; mean physical distance. landmark_error_gt: the same
+    to the target's centroids; mean physical distance. With point CSVs (physical x,y[,z],
+    rows corresponding) the listed points are used row by row, unmatched.
+    landmark_error_gt: the same
     source centroids mapped by the predicted and by the ground-truth transform.
     """
     spacing = np.asarray(model.cfg.spacing, dtype=float)
@@ -146,10 +148,15 @@ def pair_metrics(model: Model, ps: PairSet, params: torch.Tensor | None,
         if ps.src_seg is not None and ps.trg_seg is not None:
             pred = ps.src_seg[i, 0] if params is None else warped_seg[i, 0]
             row.update(overlap_metrics(pred.numpy(), ps.trg_seg[i, 0].numpy(), spacing))
-        if ps.src_pts is not None:
-            src_c = landmark_centroids(ps.src_pts[i, 0].numpy())
+        paired = ps.src_landmarks is not None
+        if ps.src_pts is not None or paired:
+            src_c = (ps.src_landmarks[i] if paired
+                     else landmark_centroids(ps.src_pts[i, 0].numpy()))
             mapped = src_c if params is None else map_source_points(model, params[i], src_c)
-            if ps.trg_pts is not None:
+            if paired:
+                row["landmark_error"] = landmark_error(mapped, ps.trg_landmarks[i], spacing,
+                                                       match=False)
+            elif ps.trg_pts is not None:
                 trg_c = landmark_centroids(ps.trg_pts[i, 0].numpy())
                 row["landmark_error"] = landmark_error(mapped, trg_c, spacing)
             if ps.transforms is not None:

@@ -9,8 +9,6 @@ points are given, and ``report.png``.
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import math
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import report
-from ..data import Geometry, load_pair_lists
+from ..data import Geometry, load_pair_lists, read_points
 from ..errors import IstnError
 from ..export import (
     affine_to_sitk,
@@ -56,32 +54,6 @@ def read_labels(path: Path, what: str, threshold: float | None = None) -> sitk.I
     out = sitk.GetImageFromArray(np.round(arr).astype(np.int32))
     out.CopyInformation(img)
     return out
-
-
-def read_points(path: Path, dim: int) -> np.ndarray:
-    """Physical points from a CSV with header ``x,y[,z]`` (one point per row)."""
-    if not Path(path).is_file():
-        raise IstnError(f"points CSV '{path}' does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    want = ["x", "y", "z"][:dim]
-    if not rows or [c.strip() for c in rows[0]][:dim] != want:
-        raise IstnError(f"points CSV '{path}' must start with the header '{','.join(want)}'")
-    try:
-        pts = np.array([[float(v) for v in r[:dim]] for r in rows[1:]], dtype=float)
-    except ValueError:
-        raise IstnError(f"points CSV '{path}' has a non-numeric coordinate") from None
-    if pts.size and (pts.shape[1] != dim or not np.isfinite(pts).all()):
-        raise IstnError(f"points CSV '{path}' needs {dim} finite coordinates per row")
-    return pts.reshape(-1, dim)
-
-
-def write_points(points: np.ndarray, path: Path) -> None:
-    buf = _io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["x", "y", "z"][: points.shape[1]])
-    w.writerows([[f"{v:.6f}" for v in p] for p in points])
-    write_text(buf.getvalue(), path)
 
 
 def label_metrics(warped: np.ndarray, target: np.ndarray, spacing) -> dict[str, dict]:
