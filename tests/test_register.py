@@ -255,3 +255,28 @@ def test_jacobian_matches_itk_on_axis_aligned_grid_and_is_one_for_rotations():
     f = sitk.TransformToDisplacementField(rot, sitk.sitkVectorFloat64, ref.GetSize(),
                                           ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection())
     np.testing.assert_allclose(jacobian_determinant(f), 1.0, atol=1e-9)
+
+
+def test_landmark_error_from_point_csvs_in_test(tmp_path):
+    """`istn test` accepts point CSV files in --test_points (rows correspond)."""
+    from istn.data import load_pairs
+    from istn.engine.evaluate import pair_metrics
+
+    paths = write_pair(tmp_path, 2)
+    trg = sitk.ReadImage(str(paths["trg"]))
+    t_pts = np.array([trg.TransformContinuousIndexToPhysicalPoint(i)
+                      for i in [(10, 20), (30, 40)]])
+    s_pts = t_pts + [3.0, 4.0]
+    for name, pts in (("s.csv", s_pts), ("t.csv", t_pts)):
+        (tmp_path / name).write_text("x,y\n" + "\n".join(f"{x},{y}" for x, y in pts) + "\n")
+    for name, a, b in (("pairs.csv", paths["src"], paths["trg"]),
+                       ("pts.csv", tmp_path / "s.csv", tmp_path / "t.csv")):
+        (tmp_path / name).write_text(f"src,trg\n{a},{b}\n")
+    cfg = load_config(None, {"size": [48, 48], "spacing": [1.5, 1.5]})
+    ps = load_pairs(cfg, tmp_path / "pairs.csv", points=tmp_path / "pts.csv")
+    model = Model.build(cfg, "u", "affine")
+    # identity: the points are compared on the network grids (index * spacing)
+    [row] = pair_metrics(model, ps, None, None)
+    g_s, g_t = ps.src_grid[0], ps.trg_grid[0]
+    want = np.linalg.norm((g_s.to_index(s_pts) - g_t.to_index(t_pts)) * 1.5, axis=1).mean()
+    assert row["landmark_error"] == pytest.approx(want)
