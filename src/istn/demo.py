@@ -14,6 +14,7 @@ from .errors import IstnError
 # Chosen so that the whole demo finishes in a few minutes on a 2-core CPU:
 # 128x128 images as published, fewer pairs and epochs than the paper's 100.
 DEMO_TRAIN_PAIRS = 100
+DEMO_VAL_PAIRS = 5
 DEMO_TEST_PAIRS = 10
 DEMO_EPOCHS = 40
 
@@ -37,17 +38,19 @@ def run_demo(out: Path, seed: int = 0, epochs: int | None = None,
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
     data = out / "data"
-    generate(data, dim=2, n_train=DEMO_TRAIN_PAIRS, n_val=0, n_test=DEMO_TEST_PAIRS, seed=seed)
+    generate(data, dim=2, n_train=DEMO_TRAIN_PAIRS, n_val=DEMO_VAL_PAIRS,
+             n_test=DEMO_TEST_PAIRS, seed=seed)
     print(f"[1/3] generated {DEMO_TRAIN_PAIRS} training and {DEMO_TEST_PAIRS} test pairs "
           f"in '{data}' ({time.perf_counter() - t0:.1f} s)")
     cfg = load_config(data / "config.json", {"epochs": epochs or DEMO_EPOCHS, "val_interval": 10})
     torch.manual_seed(seed)
     model = Model.build(cfg, "i", "affine")
     train_set = load_pairs(cfg, data / "train.csv", data / "train.seg.csv")
+    val_set = load_pairs(cfg, data / "val.csv", data / "val.seg.csv")
     test_set = load_pairs(cfg, data / "test.csv", data / "test.seg.csv", None,
                           data / "test.points.csv", data / "test.transforms.csv")
     t1 = time.perf_counter()
-    train(model, train_set, test_set, out, device, seed, progress=progress)
+    train(model, train_set, val_set, out, device, seed, progress=progress)
     print(f"[2/3] trained ISTN-i affine for {cfg.epochs} epochs ({time.perf_counter() - t1:.1f} s)")
     summary = run_test(model, test_set, out, device, cfg.refine, progress=progress)
     print(f"[3/3] tested {len(test_set)} pairs, refinement {cfg.refine} iterations "
