@@ -91,7 +91,7 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
     Data are loaded and checked before anything is written, so a bad input leaves
     no output folder behind (and --overwrite deletes nothing).
     """
-    from .data import load_pairs
+    from .data import load_pairs, read_pair_csv
     from .engine.model import CHECKPOINT, Model
     from .engine.train import train
     from .losses import needs_seg
@@ -99,6 +99,7 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
     out = Path(args.out)
     marker = out / "train" / "model" / CHECKPOINT
     prepare_out(out, marker, args.overwrite, args.resume, create=False)
+    read_pair_csv(args.train, "image")  # a missing or malformed list first: cheap to check
     if needs_seg(args.loss):
         for flag, given, seg in (("--train", args.train, args.train_seg),
                                  ("--val", args.val, args.val_seg)):
@@ -342,6 +343,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> i
         code = getattr(e, "exit_code", 2)
         if debug and code == 2:
             raise
+        if code != 2 and not hasattr(args, "resume"):  # no --resume to suggest (demo)
+            return fail(getattr(e, "what", str(e)), code)
         return fail(f"error: {e}" if code == 2 else str(e), code)
     except KeyboardInterrupt:
         if debug:

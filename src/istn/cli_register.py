@@ -62,8 +62,11 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
 
     if not path.is_file():
         raise IstnError(f"pairs CSV '{path}' does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise IstnError(f"pairs CSV '{path}' cannot be parsed: {e}") from None
     if not rows or not {"src", "trg"} <= set(rows[0]):
         raise IstnError(f"pairs CSV '{path}' needs a header with columns src,trg "
                         "(optional src_seg,trg_seg,src_points,trg_points)")

@@ -93,15 +93,17 @@ def _check_type(key: str, value: Any, source: str) -> Any:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
-    elif kind == "float":
+    elif kind in ("float", "float | None"):
+        if value is None and kind == "float | None":
+            return None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number")
-        value = float(value)
-    elif kind == "float | None":
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad("a number or null")
+            raise bad("a number" + (" or null" if kind == "float | None" else ""))
+        try:
             value = float(value)
+        except OverflowError:
+            raise bad("a finite number") from None
+        if not math.isfinite(value):
+            raise bad("a finite number")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -115,7 +117,11 @@ def _check_type(key: str, value: Any, source: str) -> Any:
         for v in value:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise bad("a list of numbers")
-            if not math.isfinite(v):
+            try:
+                finite = math.isfinite(v)
+            except OverflowError:
+                finite = False
+            if not finite:
                 raise bad("a list of finite numbers")
             if item is int and v != int(v):
                 raise bad("a list of integers")
@@ -169,7 +175,7 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
     """Build a validated Config from a mapping (unknown keys are errors)."""
     if not isinstance(data, dict):
         raise IstnError(f"{source}: expected a JSON/YAML object of key: value pairs")
-    unknown = sorted(set(data) - set(_FIELDS))
+    unknown = sorted(str(k) for k in set(data) - set(_FIELDS))
     if unknown:
         raise IstnError(
             f"{source}: unknown key '{unknown[0]}'; valid keys: {', '.join(_FIELDS)}"

@@ -55,8 +55,11 @@ def read_pair_csv(path: str | Path, what: str = "pairs") -> list[tuple[Path, Pat
 
 def _resolve(entry: str, csv_path: Path) -> Path:
     q = Path(entry)
-    if q.is_absolute() or q.exists():
-        return q
+    try:
+        if q.is_absolute() or q.exists():
+            return q
+    except (OSError, ValueError):  # e.g. a name too long for the file system
+        raise IstnError(f"CSV '{csv_path}': '{entry[:80]}' is not a usable path") from None
     return csv_path.parent / q
 
 
@@ -163,6 +166,8 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
                             f"'{path}' has size {img.GetSize()}; masks must match their image")
         mask = sitk.GetArrayFromImage(mimg)
     norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
+    if kind == "seg" and not arr.any():
+        norm = "none"  # an empty SoI is legitimate: keep zeros rather than divide by 0
     norm_img = sitk.GetImageFromArray(normalise(arr, norm, mask, f"{what} '{path}'"))
     norm_img.CopyInformation(img)
     res = resample(norm_img, cfg.spacing, cfg.size)

@@ -30,6 +30,9 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError:
         raise IstnError(f"{what} '{p}' cannot be read as an image (corrupt or unsupported "
                         "format); use PNG, NIfTI, MHA, NRRD or another SimpleITK format") from None
+    if img.GetDimension() not in (2, 3):
+        raise IstnError(f"{what} '{p}' is {img.GetDimension()}D; istn registers 2D and 3D "
+                        "images (split time series or channels into separate files)")
     if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
         raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
     if img.GetNumberOfComponentsPerPixel() > 1:

@@ -49,7 +49,7 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor, itera
     """Refined transformation parameters for every pair (the ITN outputs are fixed)."""
     # Adam drives many weight updates towards zero; denormal floats then make CPU
     # arithmetic ~10x slower, so flush them (no effect on the results that matter).
-    torch.set_flush_denormal(True)
+    flush = torch.set_flush_denormal(True)
     n = len(src_prime)
     if chunk <= 0:
         per_pair = sum(p.numel() for p in model.stn.parameters()) * 4 if mode == "weights" else 1
@@ -57,11 +57,15 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor, itera
     out = []
     bar = tqdm(total=iterations * math.ceil(n / chunk), desc="refine", disable=not progress,
                leave=False)
-    for i in range(0, n, chunk):
-        s_p, t_p = src_prime[i:i + chunk].detach(), trg_prime[i:i + chunk].detach()
-        fn = _refine_weights if mode == "weights" else _refine_params
-        out.append(fn(model, s_p, t_p, iterations, lr, bar))
-    bar.close()
+    try:
+        for i in range(0, n, chunk):
+            s_p, t_p = src_prime[i:i + chunk].detach(), trg_prime[i:i + chunk].detach()
+            fn = _refine_weights if mode == "weights" else _refine_params
+            out.append(fn(model, s_p, t_p, iterations, lr, bar))
+    finally:
+        bar.close()
+        if flush:
+            torch.set_flush_denormal(False)  # leave the process as found
     return torch.cat(out)
 
 

@@ -1,22 +1,100 @@
-"""Joint training of ITN and STN with Adam; validation, checkpoints, TensorBoard."""
+"""Joint training of ITN and STN with Adam; validation, checkpoints, TensorBoard.
+
+Checkpoints: ``checkpoint.pt`` (the latest) is rewritten at the end of every epoch;
+``checkpoint_epochNNNN.pt`` is kept at epoch 1, every ``val_interval`` epochs and at
+the last epoch. Every write is atomic, so a killed run loses at most the epoch in
+progress.
+
+Stopping: while :func:`train` runs, SIGINT (Ctrl-C) and SIGTERM only set a flag.
+At the end of the current batch ``checkpoint.pt`` is saved with the position inside
+the epoch (its ``epoch`` is the last *completed* epoch, ``extra['batch']`` the
+batches of the next epoch already done, with that epoch's partial loss sums) and
+:class:`TrainingInterrupted` is raised (exit code 130 / 143). A second signal stops
+at once (the previous checkpoint stays intact). The previous handlers are restored
+when :func:`train` returns.
+
+Resuming (``resume=True``) reloads weights, Adam state, RNG state and history and
+continues at the saved position. Batches are shuffled with a generator seeded by
+(seed, epoch), so on the same device a resumed run takes exactly the steps of an
+uninterrupted one and ends with the same weights.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import report
+from ..config import Config
 from ..data import PairSet
 from ..errors import IstnError
 from ..io import write_text
 from ..losses import needs_seg, training_loss
 from ..metrics import mean_metrics
 from .evaluate import evaluate
-from .model import CHECKPOINT, Model, read_checkpoint, save_checkpoint, write_model_info
+from .model import (
+    CHECKPOINT,
+    Model,
+    describe_mismatch,
+    load_weights,
+    read_checkpoint,
+    save_checkpoint,
+    write_model_info,
+)
+
+# Config keys that may change when resuming (they do not change what was learnt so far).
+RESUMABLE_KEYS = ("epochs", "val_interval", "learning_rate", "refine", "refine_mode",
+                  "refine_learning_rate", "refine_batch")
+
+
+class TrainingInterrupted(IstnError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; ``exit_code`` 128+signal.
+
+    ``str()`` is ``what`` followed by ``hint`` (how to continue with ``--resume``);
+    commands without ``--resume`` print ``what`` alone.
+    """
+
+    def __init__(self, what: str, exit_code: int, hint: str = ""):
+        super().__init__(what + hint)
+        self.what = what
+        self.exit_code = exit_code
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM handlers that only record the request (installed in the main thread)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # respect nohup-like setups
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, keep the last checkpoint
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def _batch(ps: PairSet, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | None]:
@@ -55,74 +133,174 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     """Train ``model`` for ``cfg.epochs`` epochs; returns the model folder.
 
     Validation (loss and metrics, no refinement) runs at epoch 1, every
-    ``val_interval`` epochs and at the end; each writes ``checkpoint_epochNNNN.pt``
-    and updates ``checkpoint.pt`` (the latest). Batches are shuffled with a generator
-    seeded by (seed, epoch), so a resumed run sees the same batches.
+    ``val_interval`` epochs and at the end. ``resume`` continues from
+    ``out/train/model/checkpoint.pt`` when it exists (see the module docstring);
+    a checkpoint from different data or options is refused with an IstnError.
+    Raises :class:`TrainingInterrupted` on SIGINT/SIGTERM and IstnError when the loss
+    or the weights become NaN/Inf (the last good checkpoint is kept).
     """
     cfg = model.cfg
     torch.set_flush_denormal(True)  # denormals slow CPU training without changing results
     if needs_seg(model.strategy) and train_set.src_seg is None:
         raise IstnError(f"strategy '{model.strategy}' needs training segmentations: "
                         "give --train_seg")
+    n, bs = len(train_set), cfg.batch_size
+    n_batches = math.ceil(n / bs)
     model_dir = out / "train" / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    start, history = 1, []
+    start, history, position = 1, [], None
+    saved = "none"  # the last checkpoint written or loaded, for error messages
     if resume and (model_dir / CHECKPOINT).is_file():
-        state = read_checkpoint(model_dir / CHECKPOINT)
-        model.stn.load_state_dict(state["stn"])
-        if model.itn is not None:
-            model.itn.load_state_dict(state["itn"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        start = int(state["epoch"]) + 1
-        history = json.loads(state["extra"].get("history", "[]"))
+        start, history, position = _resume(model, opt, model_dir, seed, n, n_batches)
+        saved = (f"'{model_dir / CHECKPOINT}' (epoch {start}, batch {position[0]})" if position
+                 else f"'{model_dir / CHECKPOINT}' (epoch {start - 1})")
+    model_dir.mkdir(parents=True, exist_ok=True)
     write_model_info(model, model_dir)
+
+    def save(path: Path, done: int, batch: int = 0, partial: dict | None = None) -> None:
+        nonlocal saved
+        extra: dict[str, Any] = {"history": json.dumps(history), "seed": seed, "pairs": n}
+        if batch:
+            extra.update(batch=batch, partial=partial)
+        save_checkpoint(model, path, opt, done, extra)
+        saved = (f"'{model_dir / CHECKPOINT}' (epoch {done + 1}, batch {batch})" if batch
+                 else f"'{model_dir / CHECKPOINT}' (epoch {done})")
+
     writer = report.tensorboard_writer(out / "tensorboard")
-    n = len(train_set)
     bar = tqdm(range(start, cfg.epochs + 1), desc="train", disable=not progress,
                initial=start - 1, total=cfg.epochs)
-    for epoch in bar:
-        model.train(True)
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen)
-        t0, sums, count = time.perf_counter(), {}, 0
-        for bi in range(0, n, cfg.batch_size):
-            idx = order[bi:bi + cfg.batch_size]
-            loss, terms = step_loss(model, _batch(train_set, idx, device), cfg.smoothness)
-            if not torch.isfinite(loss):
-                raise IstnError(f"training loss became {loss.item()} at epoch {epoch}, batch "
-                                f"{bi // cfg.batch_size + 1}; the last good checkpoint is in "
-                                f"'{model_dir}'. Lower learning_rate or normalise the images")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in {"loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach() * len(idx)
-            count += len(idx)
-        row = {"epoch": epoch, "seconds": time.perf_counter() - t0}
-        row.update({f"train_{k}": float(v) / count for k, v in sums.items()})
-        for k, v in row.items():
-            if k.startswith("train_"):
-                writer.add_scalar(f"train/{k[6:]}", v, epoch)
-        writer.add_scalar("train/seconds_per_epoch", row["seconds"], epoch)
-        bar.set_postfix(loss=f"{row['train_loss']:.4g}")
-        if epoch == 1 or epoch % cfg.val_interval == 0 or epoch == cfg.epochs:
-            if val_set is not None and len(val_set):
-                row.update(_validate(model, val_set, device, writer, epoch, out, save_temp))
-            history.append(row)
-            save_checkpoint(model, model_dir / f"checkpoint_epoch{epoch:04d}.pt", opt, epoch,
-                            {"history": json.dumps(history)})
-            save_checkpoint(model, model_dir / CHECKPOINT, opt, epoch,
-                            {"history": json.dumps(history)})
-        else:
-            history.append(row)
-    bar.close()
-    writer.close()
+    try:
+        with _StopRequest() as stop:
+            for epoch in bar:
+                model.train(True)
+                gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                order = torch.randperm(n, generator=gen)
+                first, sums, count, before = 0, {}, 0, 0.0
+                if position is not None and epoch == start:
+                    first, sums, count, before = position
+                t0 = time.perf_counter()
+                for b in range(first, n_batches):
+                    idx = order[b * bs:(b + 1) * bs]
+                    loss, terms = step_loss(model, _batch(train_set, idx, device),
+                                            cfg.smoothness)
+                    if not torch.isfinite(loss):
+                        raise _diverged(f"the loss became {loss.item()}", epoch, b + 1,
+                                        n_batches, saved)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    for k, v in {"loss": loss, **terms}.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach() * len(idx)
+                    count += len(idx)
+                    if stop.signum is not None and b + 1 < n_batches:
+                        _check_finite(model, epoch, b + 1, n_batches, saved)
+                        save(model_dir / CHECKPOINT, epoch - 1, b + 1,
+                             {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count,
+                              "seconds": before + time.perf_counter() - t0})
+                        raise _interrupted(stop.signum, epoch, b + 1, n_batches, model_dir)
+                _check_finite(model, epoch, n_batches, n_batches, saved)
+                row = {"epoch": epoch, "seconds": before + time.perf_counter() - t0}
+                row.update({f"train_{k}": float(v) / count for k, v in sums.items()})
+                for k, v in row.items():
+                    if k.startswith("train_"):
+                        writer.add_scalar(f"train/{k[6:]}", v, epoch)
+                writer.add_scalar("train/seconds_per_epoch", row["seconds"], epoch)
+                bar.set_postfix(loss=f"{row['train_loss']:.4g}")
+                keep = epoch == 1 or epoch % cfg.val_interval == 0 or epoch == cfg.epochs
+                if keep and val_set is not None and len(val_set):
+                    row.update(_validate(model, val_set, device, writer, epoch, out, save_temp))
+                history.append(row)
+                if keep:
+                    save(model_dir / f"checkpoint_epoch{epoch:04d}.pt", epoch)
+                save(model_dir / CHECKPOINT, epoch)
+                write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
+                if stop.signum is not None and epoch < cfg.epochs:
+                    raise _interrupted(stop.signum, epoch + 1, 0, n_batches, model_dir)
+    finally:
+        bar.close()
+        writer.close()
+        torch.set_flush_denormal(False)  # leave the process as found (the default is off)
     write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
     report.loss_curve(history, out / "train" / "loss_curve.png")
+    if stop.signum is not None:  # the request came during the last epoch: training is done
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(stop.signum).name} after training all {cfg.epochs} "
+            f"epochs; the model is in '{model_dir}'", 128 + stop.signum)
     return model_dir
+
+
+def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int, n: int,
+            n_batches: int) -> tuple[int, list, tuple | None]:
+    """Load ``checkpoint.pt`` for resuming; returns (first epoch, history, position)."""
+    path = model_dir / CHECKPOINT
+    state = read_checkpoint(path)
+    extra = state["extra"]
+    fixed = tuple(k for k in Config.__dataclass_fields__ if k not in RESUMABLE_KEYS)
+    diffs = describe_mismatch(state["meta"], model.strategy, model.transformation, model.cfg,
+                              keys=fixed)
+    if extra.get("seed", seed) != seed:
+        diffs.append(f"--seed {extra['seed']} (asked: {seed})")
+    if extra.get("pairs", n) != n:
+        diffs.append(f"{extra['pairs']} training pairs (given: {n})")
+    if diffs:
+        raise IstnError(f"--resume: checkpoint '{path}' was trained with {'; '.join(diffs)}; "
+                        "resume with the same data, seed and options (only epochs, "
+                        "val_interval, learning_rate and refine settings may change) "
+                        "or start a new --out")
+    try:
+        load_weights(model, state, str(path))
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = model.cfg.learning_rate
+        torch.set_rng_state(state["rng"])
+        history = json.loads(extra.get("history", "[]"))
+        position = None
+        batch = extra.get("batch", 0)
+        if batch:
+            partial = extra["partial"]
+            if not 0 < batch < n_batches:
+                raise ValueError(f"batch {batch} outside 1..{n_batches - 1}")
+            position = (int(batch), dict(partial["sums"]), int(partial["count"]),
+                        float(partial["seconds"]))
+    except IstnError:
+        raise
+    except Exception as e:  # damaged or hand-edited checkpoint
+        raise IstnError(f"--resume: checkpoint '{path}' cannot be resumed from "
+                        f"({type(e).__name__}: {_first_line(e)}); "
+                        "start a new --out or use --overwrite") from None
+    for stale in model_dir.glob(".checkpoint*.pt"):  # temporary files of a killed run
+        stale.unlink(missing_ok=True)
+    return int(state["epoch"]) + 1, history, position
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else ""
+
+
+def _check_finite(model: Model, epoch: int, batch: int, n_batches: int, saved: str) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise _diverged("the weights became NaN or Inf", epoch, batch, n_batches, saved)
+
+
+def _diverged(what: str, epoch: int, batch: int, n_batches: int, saved: str) -> IstnError:
+    keep = (f"the last good checkpoint {saved} is kept; lower learning_rate or normalise "
+            "the images, then continue with --resume --learning_rate SMALLER"
+            if saved != "none" else
+            "no checkpoint was written; lower learning_rate or normalise the images")
+    return IstnError(f"training diverged at epoch {epoch}, batch {batch} of {n_batches}: "
+                     f"{what}; {keep}")
+
+
+def _interrupted(signum: int, epoch: int, batch: int, n_batches: int,
+                 model_dir: Path) -> TrainingInterrupted:
+    where = (f"epoch {epoch}, batch {batch} of {n_batches}" if batch
+             else f"the end of epoch {epoch - 1}")
+    return TrainingInterrupted(
+        f"training stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in "
+        f"'{model_dir / CHECKPOINT}'", 128 + signum,
+        "; to continue, run the same command with --resume (without --overwrite)")
 
 
 def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: Path,
