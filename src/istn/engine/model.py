@@ -43,6 +43,12 @@ class Model:
         check_strategy(strategy)
         itn = ITN(cfg.dim) if uses_itn(strategy) else None
         stn = build_stn(transformation, cfg.shape, 1, **cfg.stn_options(transformation))
+        # Channels-last weights: on the CPU, convolution backward with these very small
+        # channel counts is several times faster in this layout (same results).
+        fmt = torch.channels_last if cfg.dim == 2 else torch.channels_last_3d
+        for net in (itn, stn):
+            if net is not None:
+                net.to(memory_format=fmt)
         return cls(cfg, strategy, transformation, itn, stn)
 
     def to(self, device: torch.device | str) -> Model:
