@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,60 @@ def label_metrics(warped: np.ndarray, target: np.ndarray, spacing) -> dict[str, 
     return out
 
 
+@dataclass
+class PairInputs:
+    """A pair's files read at their own resolution and checked, before anything is written."""
+
+    src: sitk.Image
+    trg: sitk.Image
+    src_seg: sitk.Image | None = None
+    trg_seg: np.ndarray | None = None
+    src_points: np.ndarray | None = None
+    trg_points: np.ndarray | None = None
+
+
+def read_inputs(pair: tuple[Path, Path], seg: tuple, pts: tuple,
+                seg_threshold: float | None) -> PairInputs:
+    """Read and validate one pair's images, segmentations and points."""
+    src, trg = read_image(pair[0], "source image"), read_image(pair[1], "target image")
+    if src.GetDimension() != trg.GetDimension():
+        raise IstnError(f"source '{pair[0]}' is {src.GetDimension()}D but target '{pair[1]}' "
+                        f"is {trg.GetDimension()}D; register images of one dimension")
+    inp = PairInputs(src, trg)
+    for key, path, ref, what in ((0, seg[0], src, "source"), (1, seg[1], trg, "target")):
+        if path is None:
+            continue
+        lab = read_labels(path, f"{what} segmentation", seg_threshold)
+        if lab.GetSize() != ref.GetSize():
+            raise IstnError(f"{what} segmentation '{path}' has size {lab.GetSize()} but the "
+                            f"{what} image has size {ref.GetSize()}; they must match")
+        if key == 0:
+            inp.src_seg = lab
+        else:
+            inp.trg_seg = sitk.GetArrayFromImage(lab)
+    if (pts[0] is None) != (pts[1] is None):
+        raise IstnError("landmark error needs both --source-points and --target-points")
+    if pts[0] is not None:
+        dim = trg.GetDimension()
+        inp.src_points, inp.trg_points = read_points(pts[0], dim), read_points(pts[1], dim)
+        if len(inp.src_points) != len(inp.trg_points):
+            raise IstnError(f"points CSVs '{pts[0]}' and '{pts[1]}' list different numbers "
+                            "of points; rows must correspond")
+    return inp
+
+
 def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[Path],
                    device: torch.device, refine_iters: int,
                    segs: list[tuple[Path | None, Path | None]] | None = None,
                    points: list[tuple[Path | None, Path | None]] | None = None,
                    seg_threshold: float | None = None, progress: bool = True) -> list[dict]:
-    """Register every pair (networks and refinement batched over pairs); write outputs."""
+    """Register every pair (networks and refinement batched over pairs); write outputs.
+
+    Every input is read and checked before the first output is written.
+    """
+    inputs = [read_inputs(pairs[i], segs[i] if segs else (None, None),
+                          points[i] if points else (None, None), seg_threshold)
+              for i in range(len(pairs))]
     ps = load_pair_lists(model.cfg, pairs)
     params, s_p, t_p = predict(model, ps.src.to(device), ps.trg.to(device))
     if refine_iters > 0:
@@ -84,18 +133,15 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
     params = params.detach().cpu()
     results = []
     for i in tqdm(range(len(pairs)), desc="write", disable=not progress or len(pairs) == 1):
-        seg = segs[i] if segs else (None, None)
-        pts = points[i] if points else (None, None)
         results.append(_write_pair(model, params[i], ps.src_grid[i], ps.trg_grid[i], pairs[i],
-                                   seg, pts, out_dirs[i], seg_threshold))
+                                   inputs[i], out_dirs[i]))
     return results
 
 
 def _write_pair(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
-                pair: tuple[Path, Path], seg: tuple, pts: tuple, out: Path,
-                seg_threshold: float | None = None) -> dict:
+                pair: tuple[Path, Path], inp: PairInputs, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    src, trg = read_image(pair[0], "source image"), read_image(pair[1], "target image")
+    src, trg = inp.src, inp.trg
     point_map = physical_point_map(model, params, g_src, g_trg)
     metrics: dict = {"source": str(pair[0]), "target": str(pair[1]),
                      "transformation": model.transformation}
@@ -107,34 +153,25 @@ def _write_pair(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
         field = displacement_field(point_map, trg)
         write_image(field, out / FILES["field"])
         metrics.update(jacobian_stats(field))
-    warped_seg = src_seg = trg_seg = None
-    if seg[0] is not None:
-        src_seg = read_labels(seg[0], "source segmentation", seg_threshold)
-        warped_seg = warp_to_reference(src_seg, trg, point_map, labels=True).astype(np.int32)
+    warped_seg = None
+    if inp.src_seg is not None:
+        warped_seg = warp_to_reference(inp.src_seg, trg, point_map, labels=True)
+        warped_seg = warped_seg.astype(np.int32)
         seg_img = sitk.GetImageFromArray(warped_seg)
         seg_img.CopyInformation(trg)
         write_image(seg_img, out / FILES["warped_seg"])
-    if seg[1] is not None:
-        trg_seg = sitk.GetArrayFromImage(read_labels(seg[1], "target segmentation",
-                                                     seg_threshold))
-        if trg_seg.shape != sitk.GetArrayFromImage(trg).shape:
-            raise IstnError(f"target segmentation '{seg[1]}' does not match the target's size")
-        if warped_seg is not None:
-            metrics["labels"] = label_metrics(warped_seg, trg_seg, trg.GetSpacing())
-    if pts[0] is not None and pts[1] is not None:
-        dim = trg.GetDimension()
-        ps_, pt_ = read_points(pts[0], dim), read_points(pts[1], dim)
-        if len(ps_) != len(pt_):
-            raise IstnError(f"points CSVs '{pts[0]}' and '{pts[1]}' list different numbers "
-                            "of points; rows must correspond")
-        mapped = point_map(pt_)
-        metrics["landmark_error"] = float(np.linalg.norm(mapped - ps_, axis=1).mean())
-        metrics["landmark_error_identity"] = float(np.linalg.norm(pt_ - ps_, axis=1).mean())
+        if inp.trg_seg is not None:
+            metrics["labels"] = label_metrics(warped_seg, inp.trg_seg, trg.GetSpacing())
+    if inp.src_points is not None:
+        mapped = point_map(inp.trg_points)
+        metrics["landmark_error"] = float(np.linalg.norm(mapped - inp.src_points, axis=1).mean())
+        metrics["landmark_error_identity"] = float(
+            np.linalg.norm(inp.trg_points - inp.src_points, axis=1).mean())
     write_text(json.dumps(metrics, indent=2) + "\n", out / FILES["metrics"])
     before = sitk.GetArrayFromImage(sitk.Resample(src, trg))  # identity, physical space
-    src_seg_before = (sitk.GetArrayFromImage(sitk.Resample(src_seg, trg, sitk.Transform(),
+    src_seg_before = (sitk.GetArrayFromImage(sitk.Resample(inp.src_seg, trg, sitk.Transform(),
                                                            sitk.sitkNearestNeighbor))
-                      if src_seg is not None else None)
-    report.registration_figure(before, sitk.GetArrayFromImage(trg), warped, trg_seg,
+                      if inp.src_seg is not None else None)
+    report.registration_figure(before, sitk.GetArrayFromImage(trg), warped, inp.trg_seg,
                                src_seg_before, warped_seg, out / FILES["report"])
     return metrics
