@@ -6,6 +6,7 @@ import gzip
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,24 +77,27 @@ def atomic_path(path: str | Path) -> Path:
     return Path(tmp)
 
 
-def write_image(image: sitk.Image, path: str | Path) -> None:
-    """Write an image atomically (temporary file in the same folder, then rename)."""
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A crash leaves either the old file or the new one, never a half-written one.
+    """
     tmp = atomic_path(path)
     try:
-        sitk.WriteImage(image, str(tmp))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_image(image: sitk.Image, path: str | Path) -> None:
+    """Write an image atomically."""
+    write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp)))
 
 
 def write_text(text: str, path: str | Path) -> None:
     """Write a text file atomically."""
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def array_to_image(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
@@ -105,9 +109,4 @@ def array_to_image(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def write_transform(transform: sitk.Transform, path: str | Path) -> None:
     """Write an ITK transform file (.tfm, .h5) atomically."""
-    tmp = atomic_path(path)
-    try:
-        sitk.WriteTransform(transform, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from .io import write_atomically  # noqa: E402
 
 
 def tensorboard_writer(folder: Path):
@@ -52,13 +51,9 @@ def panel_tensor(ps, res: dict, i: int) -> torch.Tensor:
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 
