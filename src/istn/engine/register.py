@@ -59,11 +59,9 @@ def read_labels(path: Path, what: str, threshold: float | None = None) -> sitk.I
 
 def label_metrics(warped: np.ndarray, target: np.ndarray, spacing) -> dict[str, dict]:
     """Overlap metrics per label value present in either map (background 0 excluded)."""
-    labels = sorted(set(np.unique(warped).tolist()) | set(np.unique(target).tolist()) - {0})
+    labels = sorted((set(np.unique(warped).tolist()) | set(np.unique(target).tolist())) - {0})
     out = {}
     for lab in labels:
-        if lab == 0:
-            continue
         m = overlap_metrics((warped == lab).astype(np.float32), (target == lab).astype(np.float32),
                             spacing)
         out[str(int(lab))] = {k: (None if math.isnan(v) else v) for k, v in m.items()}
