@@ -8,6 +8,9 @@ refinement on the validation pairs. Writes ``OUT/results.md`` / ``results.json``
 refinement with seconds per epoch).
 
     python scripts/reproduce_synth2d.py --data ../shared/data/synth2d --out runs/synth2d
+
+``--folds 5`` instead runs 5-fold cross-validation over all 100 pairs (pairs 1-20,
+21-40, ... held out in turn), so every pair is a validation pair once.
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ KINDS = ("", ".seg", ".points", ".transforms")
 METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
 
 
-def split(data: Path, out: Path, n_train: int) -> None:
-    """Write train/val CSVs with absolute paths (the published CSVs are relative)."""
+def split(data: Path, out: Path, val: slice) -> None:
+    """Write train/val CSVs with absolute paths (the published CSVs are relative).
+
+    The pairs in ``val`` are validation pairs, all others training pairs.
+    """
     out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:
         with open(data / f"train{kind}.csv", newline="") as f:
             rows = list(csv.reader(f))[1:]
         rows = [[str((data / p).resolve()) for p in r] for r in rows]
-        for name, part in (("train", rows[:n_train]), ("val", rows[n_train:])):
+        held = set(range(len(rows))[val])
+        parts = (("train", [r for i, r in enumerate(rows) if i not in held]),
+                 ("val", [r for i, r in enumerate(rows) if i in held]))
+        for name, part in parts:
             with open(out / f"{name}{kind}.csv", "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["src", "trg"])
@@ -80,22 +89,61 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/synth2d", help="published synth2d folder")
     p.add_argument("--out", default="runs/synth2d", help="output folder")
-    p.add_argument("--n_train", type=int, default=80, help="pairs used for training")
+    p.add_argument("--n_train", type=int, default=80,
+                   help="pairs used for training (the first N); ignored with --folds")
+    p.add_argument("--folds", type=int, default=0,
+                   help="K-fold cross-validation: K consecutive folds, each validated by a "
+                        "model trained on the other pairs; means over all pairs")
     p.add_argument("--runs", nargs="*", default=None,
                    help="subset of runs as TRANSFORMATION_LOSS, e.g. affine_i bspline_i")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="extra istn-reg flags after --")
     a = p.parse_args()
     data, out = Path(a.data).resolve(), Path(a.out)
-    split(data, out / "splits", a.n_train)
     extra = [x for x in a.extra if x != "--"]
+    runs = [(t, loss) for t, loss in RUNS if not a.runs or f"{t}_{loss}" in a.runs]
+    if a.folds > 1:
+        cross_validate(data, out, runs, a.folds, extra)
+        return
+    split(data, out / "splits", slice(a.n_train, None))
     results = {}
-    for t, loss in RUNS:
-        if a.runs and f"{t}_{loss}" not in a.runs:
-            continue
+    for t, loss in runs:
         results[f"{t}_{loss}"] = run(data, out / "splits", out, t, loss, extra)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(table(results))
     print(table(results))
+
+
+def cross_validate(data: Path, out: Path, runs: list, folds: int, extra: list[str]) -> None:
+    """K-fold cross-validation; each fold's means are weighted by its number of pairs."""
+    with open(data / "train.csv", newline="") as f:
+        n = len(list(csv.reader(f))) - 1
+    bounds = [round(k * n / folds) for k in range(folds + 1)]
+    results, per_fold = {}, {}
+    for t, loss in runs:
+        key = f"{t}_{loss}"
+        fold_results = []
+        for k in range(folds):
+            fold_out = out / f"fold{k}"
+            split(data, fold_out / "splits", slice(bounds[k], bounds[k + 1]))
+            fold_results.append(run(data, fold_out / "splits", fold_out, t, loss, extra))
+        sizes = [bounds[k + 1] - bounds[k] for k in range(folds)]
+        merged = {"seconds_per_epoch": sum(r["seconds_per_epoch"] for r in fold_results) / folds}
+        for stage in ("identity", "before_refinement", "after_refinement"):
+            merged[stage] = {m: _weighted([r[stage][m] for r in fold_results], sizes)
+                             for m in METRICS}
+        results[key] = merged
+        per_fold[key] = [{s: r[s] for s in ("identity", "before_refinement",
+                                             "after_refinement")} for r in fold_results]
+        (out / "results.json").write_text(json.dumps({"folds": folds, "mean": results,
+                                                      "per_fold": per_fold}, indent=2))
+        (out / "results.md").write_text(table(results))
+    print(table(results))
+
+
+def _weighted(values: list, weights: list[int]) -> float | None:
+    if any(v is None for v in values):
+        return None
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,24 @@ def select_device(dev: str | int | None) -> torch.device:
     return device
 
 
+def setup_device(dev: str | int | None) -> torch.device:
+    """:func:`select_device`, then join the torchrun process group when there is one.
+
+    Under ``torchrun`` each process takes GPU ``LOCAL_RANK`` on CUDA.
+    """
+    from .engine import distributed
+
+    return distributed.setup(select_device(dev))[1]
+
+
+def say(*args) -> None:
+    """print on the writing process only (rank 0 under torchrun)."""
+    from .engine import distributed
+
+    if distributed.current().main:
+        print(*args)
+
+
 def build_config(args: argparse.Namespace) -> Config:
     overrides = {k: getattr(args, k, None) for k in CONFIG_KEYS}
     if getattr(args, "config", None) is None and getattr(args, "mode3d", False):
@@ -75,9 +93,13 @@ def prepare_out(out: Path, marker: Path, overwrite: bool, resume: bool = False,
                         "use --overwrite to replace it, --resume to continue, or another --out")
     if not create:
         return
-    if overwrite and marker.exists():
+    from .engine import distributed
+
+    d = distributed.current()
+    if overwrite and marker.exists() and d.main:
         for folder in clear or (marker.parent if marker.parent != out else out,):
             shutil.rmtree(folder, ignore_errors=True)
+    distributed.barrier(d)  # nobody writes into a folder rank 0 is still removing
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -108,6 +130,7 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
                                 f"{flag}_seg (or use --loss u)")
     _seed(args.seed)
     model = Model.build(cfg, args.loss, args.transformation)
+    model.amp = args.amp
     train_set = load_pairs(cfg, args.train, args.train_seg, args.train_msk)
     val_set = None
     if args.val:
@@ -117,21 +140,30 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
     prepare_out(out, marker, args.overwrite, args.resume,
                 clear=(out / "train", out / "tensorboard"))
     if args.resume:
-        print(f"resuming from '{marker}'" if marker.is_file() else
-              f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
-    print(f"training {args.transformation} {args.loss} on {len(train_set)} pairs "
-          f"({cfg.epochs} epochs, batch {cfg.batch_size}) on {device}; output in '{out}'")
+        say(f"resuming from '{marker}'" if marker.is_file() else
+            f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
+    from .engine import distributed
+
+    world = distributed.current().world
+    on = f"{world} processes ({device.type})" if world > 1 else str(device)
+    say(f"training {args.transformation} {args.loss} on {len(train_set)} pairs "
+        f"({cfg.epochs} epochs, batch {cfg.batch_size}) on {on}; output in '{out}'")
     t0 = time.perf_counter()
     model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
                       args.save_temp, progress=not args.quiet)
-    print(f"trained in {time.perf_counter() - t0:.1f} s; model in '{model_dir}'")
+    say(f"trained in {time.perf_counter() - t0:.1f} s; model in '{model_dir}'")
     return model_dir
 
 
 def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
-            model_path: str, pairs=None) -> dict:
-    """Load and check the model and the test pairs (``pairs``: already loaded), then test."""
+            model_path: str, pairs=None) -> dict | None:
+    """Load and check the model and the test pairs (``pairs``: already loaded), then test.
+
+    Under torchrun each process loads and tests its shard of the pairs; rank 0
+    writes the merged results and returns the summary (None elsewhere).
+    """
     from .data import load_pairs
+    from .engine import distributed
     from .engine.model import load_model
     from .engine.test import format_table, run_test
 
@@ -142,16 +174,29 @@ def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
     prepare_out(out, marker, args.overwrite, replace, create=False)
     model, _ = load_model(model_path, cfg, getattr(args, "loss", None),
                           getattr(args, "transformation", None))
+    model.amp = args.amp
     refine = 0 if args.no_refine else model.cfg.refine
     ps = pairs if pairs is not None else load_pairs(
         model.cfg, args.test, args.test_seg, args.test_msk,
-        getattr(args, "test_points", None), getattr(args, "test_transforms", None))
+        getattr(args, "test_points", None), getattr(args, "test_transforms", None),
+        part=_part())
     prepare_out(out, marker, args.overwrite and not replace, replace, clear=(out / "test",))
     model.to(device)
     summary = run_test(model, ps, out, device, refine, progress=not args.quiet)
-    print(format_table(summary))
-    print(f"tested {len(ps)} pairs in {summary['seconds']:.1f} s; results in '{out / 'test'}'")
+    if summary is not None:
+        print(format_table(summary))
+        procs = distributed.current().world
+        print(f"tested {summary['pairs']} pairs in {summary['seconds']:.1f} s"
+              f"{f' on {procs} processes' if procs > 1 else ''}; results in '{out / 'test'}'")
     return summary
+
+
+def _part() -> tuple[int, int]:
+    """(rank, world) of this process, for loading its shard of the pairs."""
+    from .engine import distributed
+
+    d = distributed.current()
+    return d.rank, d.world
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -167,6 +212,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--amp", action="store_true", help="bf16 mixed precision (autocast) for "
+                   "the networks; meant for GPUs (on a CPU it is usually slower)")
     for key, typ in (("epochs", int), ("refine", int), ("learning_rate", float),
                      ("batch_size", int), ("val_interval", int)):
         p.add_argument(f"--{key}", type=typ, default=None, help=f"override config '{key}'")
@@ -251,6 +298,10 @@ def main_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     cli_register.add_parsers(sub)
+    c = sub.add_parser("cache", help="show or clear the cache of preprocessed images")
+    c.add_argument("action", choices=["info", "clear"], help="info: folder, entries, size; "
+                   "clear: delete the entries")
+    c.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return p
 
 
@@ -260,7 +311,7 @@ def cmd_reg(args: argparse.Namespace) -> None:
     if not args.train and not args.test:
         raise IstnError("nothing to do: give --train (to train) and/or --test (to test)")
     cfg = build_config(args)
-    device = select_device(args.dev)
+    device = setup_device(args.dev)
     out = Path(args.out)
     model = args.model
     test_set = None
@@ -272,7 +323,7 @@ def cmd_reg(args: argparse.Namespace) -> None:
             from .data import load_pairs
 
             test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
-                                  args.test_points, args.test_transforms)
+                                  args.test_points, args.test_transforms, part=_part())
         else:
             from .engine.model import load_model
 
@@ -287,7 +338,7 @@ def cmd_reg(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    do_train(args, build_config(args), select_device(args.dev))
+    do_train(args, build_config(args), setup_device(args.dev))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -297,7 +348,7 @@ def cmd_test(args: argparse.Namespace) -> None:
 
         saved = read_checkpoint(args.model)["meta"]["config"]
         cfg = load_config(None, {**saved, **{k: getattr(args, k) for k in CONFIG_KEYS}})
-    do_test(args, cfg, select_device(args.dev), args.model)
+    do_test(args, cfg, setup_device(args.dev), args.model)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -321,6 +372,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
              overwrite=args.overwrite, progress=not args.quiet)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .cache import cache_info, clear_cache
+
+    if args.action == "clear":
+        folder = cache_info()[0]
+        print(f"removed {clear_cache()} files from '{folder}'")
+    else:
+        folder, entries, size = cache_info()
+        print(f"cache: '{folder}': {entries} entries, {size / 1e6:.1f} MB "
+              "(ISTN_CACHE_DIR moves it, ISTN_NO_CACHE=1 turns it off)")
+
+
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> int:
     """Run a command; every failure is one line on stderr (a traceback only with --debug).
 
@@ -337,6 +400,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> i
         return code
 
     oom = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+    from .engine import distributed
+
     try:
         dispatch(args)
     except IstnError as e:
@@ -367,13 +432,15 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> i
         return fail(f"internal error: {type(e).__name__}: {e}; this is a bug or an input "
                     "istn does not check yet: rerun with --debug for the traceback and "
                     "report it", 1)
+    finally:
+        distributed.teardown()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "test": cmd_test, "synth": cmd_synth, "demo": cmd_demo,
                 "register": cli_register.cmd_register, "apply": cli_register.cmd_apply,
-                "points": cli_register.cmd_points}
+                "points": cli_register.cmd_points, "cache": cmd_cache}
     return _run(main_parser(), argv, lambda a: commands[a.command](a))
 
 

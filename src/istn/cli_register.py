@@ -33,6 +33,8 @@ def add_parsers(sub) -> None:
                    help="refinement iterations (default: the model's config; 0 to skip)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--dev", "--device", dest="dev", default=None, help="device (default auto)")
+    r.add_argument("--amp", action="store_true", help="bf16 mixed precision (autocast) for the "
+                   "networks; meant for GPUs")
     r.add_argument("--overwrite", action="store_true", help="replace previous results in --out")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -81,7 +83,8 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
 
 
 def cmd_register(args: argparse.Namespace) -> None:
-    from .cli import select_device
+    from .cli import setup_device
+    from .engine import distributed
     from .engine.model import load_model
     from .engine.register import register_pairs
     from .io import write_text
@@ -106,17 +109,27 @@ def cmd_register(args: argparse.Namespace) -> None:
     marker = out / ("metrics.csv" if args.pairs else "warped_source.nii.gz")
     if marker.exists() and not args.overwrite:
         raise IstnError(f"output folder '{out}' already holds results; use --overwrite")
-    device = select_device(args.dev)
+    device = setup_device(args.dev)
     model, _ = load_model(args.model)
+    model.amp = args.amp
     model.to(device)
     refine = model.cfg.refine if args.refine is None else args.refine
     if refine < 0:
         raise IstnError("--refine must be >= 0")
-    results = register_pairs(model, pairs, dirs, device, refine, segs, pts, args.seg_threshold,
-                             progress=not args.quiet)
+    # under torchrun each process registers every world-th pair; rank 0 merges the metrics
+    d = distributed.current()
+    mine = distributed.shard(list(range(len(pairs))), d)
+    pick = lambda xs: [xs[i] for i in mine] if xs is not None else None  # noqa: E731
+    results = register_pairs(model, pick(pairs), pick(dirs), device, refine, pick(segs),
+                             pick(pts), args.seg_threshold, progress=not args.quiet and d.main
+                             ) if mine else []
+    results = distributed.gather(results, d)
+    if results is None:
+        return
     if args.pairs:
         write_text(_metrics_csv(names, results), out / "metrics.csv")
-        print(f"registered {len(pairs)} pairs; results in '{out}' (metrics.csv)")
+        procs = f" on {d.world} processes" if d.active else ""
+        print(f"registered {len(pairs)} pairs{procs}; results in '{out}' (metrics.csv)")
     else:
         print(f"registered '{args.source}' to '{args.target}'; results in '{out}'")
 

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import cache
 from .config import Config
 from .errors import IstnError
 from .io import read_image
@@ -150,8 +151,15 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
     """Read, normalise and resample one image. Returns (array, resampled image, file image).
 
     ``kind`` selects the normaliser: 'img' (normalizer_img), 'seg' (normalizer_seg)
-    or 'raw' (none; landmark images and masks).
+    or 'raw' (none; landmark images and masks). Results are cached on disk
+    (:mod:`istn.cache`); on a hit the file image has the file's geometry but zero
+    pixels (callers use only its geometry).
     """
+    norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
+    key = (cache.volume_key(path, mask_path, kind, norm, cfg.size, cfg.spacing)
+           if cache.enabled() else None)
+    if key is not None and (hit := cache.read_volume(key)) is not None:
+        return hit
     img = read_image(path, what)
     if img.GetDimension() != cfg.dim:
         raise IstnError(f"{what} '{path}' is {img.GetDimension()}D but the config is {cfg.dim}D "
@@ -165,19 +173,29 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
             raise IstnError(f"mask '{mask_path}' has size {mimg.GetSize()} but its image "
                             f"'{path}' has size {img.GetSize()}; masks must match their image")
         mask = sitk.GetArrayFromImage(mimg)
-    norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
-    if kind == "seg" and not arr.any():
-        norm = "none"  # an empty SoI is legitimate: keep zeros rather than divide by 0
-    norm_img = sitk.GetImageFromArray(normalise(arr, norm, mask, f"{what} '{path}'"))
+    # An empty SoI is legitimate: keep zeros rather than divide by 0.
+    used = "none" if kind == "seg" and not arr.any() else norm
+    norm_img = sitk.GetImageFromArray(normalise(arr, used, mask, f"{what} '{path}'"))
     norm_img.CopyInformation(img)
     res = resample(norm_img, cfg.spacing, cfg.size)
-    return sitk.GetArrayFromImage(res), res, img
+    out = sitk.GetArrayFromImage(res)
+    # Only validated results reach this point. Store them unless a file changed while
+    # it was read (the key would not describe the content) or is too recent to trust.
+    if (key is not None and cache.settled(path, mask_path)
+            and cache.volume_key(path, mask_path, kind, norm, cfg.size, cfg.spacing) == key):
+        cache.write_volume(key, out, res, img)
+    return out, res, img
 
 
 def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
                masks: str | Path | None = None, points: str | Path | None = None,
-               transforms: str | Path | None = None) -> PairSet:
-    """Load all pairs listed in the CSVs onto the network grid (images normalised)."""
+               transforms: str | Path | None = None, part: tuple[int, int] = (0, 1)
+               ) -> PairSet:
+    """Load the pairs listed in the CSVs onto the network grid (images normalised).
+
+    ``part=(rank, world)`` loads every ``world``-th pair from ``rank`` only (a shard
+    of a multi-process run); the CSVs are checked in full either way.
+    """
     pairs = read_pair_csv(images, "image")
     extra: dict[str, list[tuple[Path, Path]] | None] = {}
     for key, path in (("seg", segs), ("mask", masks), ("points", points),
@@ -186,6 +204,9 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
         if extra[key] is not None and len(extra[key]) != len(pairs):
             raise IstnError(f"{key} CSV '{path}' lists {len(extra[key])} pairs but image CSV "
                             f"'{images}' lists {len(pairs)}; the CSVs must be parallel")
+    rank, world = part
+    pairs = pairs[rank::world]
+    extra = {k: v[rank::world] if v is not None else None for k, v in extra.items()}
     return load_pair_lists(cfg, pairs, extra["seg"], extra["mask"], extra["points"],
                            extra["transforms"])
 

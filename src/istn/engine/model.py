@@ -37,6 +37,10 @@ class Model:
     transformation: str
     itn: ITN | None
     stn: STN
+    # bf16 autocast for the networks' forward passes (``--amp``; a runtime option, not
+    # saved). Their outputs are cast back to float32, so the transformation, warping,
+    # losses and metrics stay in float32.
+    amp: bool = False
 
     @classmethod
     def build(cls, cfg: Config, strategy: str, transformation: str) -> Model:
@@ -66,12 +70,23 @@ class Model:
             if net is not None:
                 net.train(mode)
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on the networks' device when ``amp`` is set (else a no-op)."""
+        device = next(self.stn.parameters()).device
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     def primes(self, src: torch.Tensor, trg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(S', T'): ITN outputs for ISTN-e/-i, the images themselves otherwise."""
         if self.itn is None:
             return src, trg
-        both = self.itn(torch.cat([src, trg], dim=0))
+        with self.autocast():
+            both = self.itn(torch.cat([src, trg], dim=0)).float()
         return both[: len(src)], both[len(src):]
+
+    def params(self, src_prime: torch.Tensor, trg_prime: torch.Tensor) -> torch.Tensor:
+        """The STN's transformation parameters for the pairs (S', T') (float32)."""
+        with self.autocast():
+            return self.stn(torch.cat([src_prime, trg_prime], dim=1)).float()
 
     def meta(self) -> dict[str, Any]:
         return {"format": "istn-checkpoint", "istn_version": __version__,

@@ -16,6 +16,7 @@ from .. import report
 from ..data import PairSet
 from ..io import array_to_image, write_image, write_text
 from ..metrics import mean_metrics
+from . import distributed
 from .evaluate import evaluate
 from .model import Model
 
@@ -39,24 +40,44 @@ def summarise(rows: list[dict] | None) -> dict | None:
 
 
 def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_iters: int,
-             write_images: bool = True, progress: bool = True) -> dict:
-    """Evaluate ``ps``; write images, YAML/CSV/JSON results and a picture grid to ``out/test``."""
+             write_images: bool = True, progress: bool = True) -> dict | None:
+    """Evaluate ``ps``; write images, YAML/CSV/JSON results and a picture grid to ``out/test``.
+
+    Under torchrun every process evaluates its own shard of the pairs (``ps`` holds
+    that shard) and writes its pairs' images; rank 0 merges the metrics, writes the
+    results and returns the summary (the other processes return None).
+    """
+    d = distributed.current()
     folder = out / "test"
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    res = evaluate(model, ps, device, refine_iters, progress=progress)
-    seconds = time.perf_counter() - t0
-    summary = {stage: summarise(res[stage]) for stage in STAGES}
-    summary["pairs"] = len(ps)
+    # a process may get no pairs (more processes than pairs): it only takes part in merging
+    res = evaluate(model, ps, device, refine_iters, progress=progress and d.main) if len(ps) \
+        else None
+    seconds = distributed.gather([time.perf_counter() - t0], d)  # the slowest process
+    mine = []
+    if res is not None:
+        if write_images:
+            _write_images(model, ps, res, folder)
+        mine = [(name, {stage: res[stage][i] if res[stage] is not None else None
+                        for stage in STAGES}) for i, name in enumerate(ps.names)]
+    merged = distributed.gather(mine, d)
+    if merged is None:
+        return None
+    names = [name for name, _ in merged]
+    rows = {stage: None if any(r[stage] is None for _, r in merged) else
+            [r[stage] for _, r in merged] for stage in STAGES}
+    summary = {stage: summarise(rows[stage]) for stage in STAGES}
+    summary["pairs"] = len(names)
     summary["strategy"] = model.strategy
     summary["transformation"] = model.transformation
     summary["refine_iterations"] = refine_iters
-    summary["seconds"] = seconds
-    if write_images:
-        _write_images(model, ps, res, folder)
-    _write_results(ps, res, folder)
+    summary["processes"] = d.world
+    summary["seconds"] = max(seconds)
+    _write_results(names, rows, folder)
     write_text(json.dumps(summary, indent=2) + "\n", folder / "summary.json")
-    report.pair_grid(ps, res, folder / "pairs.png")
+    if res is not None:
+        report.pair_grid(ps, res, folder / "pairs.png")
     return summary
 
 
@@ -80,8 +101,11 @@ def _write_images(model: Model, ps: PairSet, res: dict, folder: Path) -> None:
             write_image(array_to_image(arr.numpy(), ref), folder / f"{name}_{key}.nii.gz")
 
 
-def _write_results(ps: PairSet, res: dict, folder: Path) -> None:
-    """test_results.yml / test_results_refined.yml (as published) and metrics.csv."""
+def _write_results(names: list[str], res: dict, folder: Path) -> None:
+    """test_results.yml / test_results_refined.yml (as published) and metrics.csv.
+
+    ``res`` maps each stage to its per-pair metric rows (in the order of ``names``).
+    """
     for stage, fname in (("before_refinement", "test_results.yml"),
                          ("after_refinement", "test_results_refined.yml")):
         rows = res[stage]
@@ -89,13 +113,13 @@ def _write_results(ps: PairSet, res: dict, folder: Path) -> None:
             continue
         doc = {"mean": summarise(rows),
                "pairs": {name: {k: _clean(v) for k, v in row.items()}
-                         for name, row in zip(ps.names, rows, strict=True)}}
+                         for name, row in zip(names, rows, strict=True)}}
         write_text(yaml.safe_dump(doc, sort_keys=False), folder / fname)
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["pair", "stage", *METRICS])
     for stage in STAGES:
-        for name, row in zip(ps.names, res[stage] or [], strict=False):
+        for name, row in zip(names, res[stage] or [], strict=False):
             w.writerow([name, stage, *["" if _clean(row.get(k)) is None else row[k]
                                        for k in METRICS]])
     write_text(buf.getvalue(), folder / "metrics.csv")

@@ -17,6 +17,16 @@ Resuming (``resume=True``) reloads weights, Adam state, RNG state and history an
 continues at the saved position. Batches are shuffled with a generator seeded by
 (seed, epoch), so on the same device a resumed run takes exactly the steps of an
 uninterrupted one and ends with the same weights.
+
+Several processes (``torchrun``, see :mod:`.distributed`): ``batch_size`` is the
+*global* batch. Every process draws the same shuffled order, splits each batch into
+``world`` nearly equal parts and takes its own; DistributedDataParallel averages the
+gradients, and each process's loss is weighted by its share of the batch, so the
+gradient is the mean over the whole batch, exactly as in one process. The learning
+rate therefore stays as configured: N processes train the same model as one process
+with the same config (up to floating-point round-off), N times faster at best. Only
+rank 0 validates and writes logs, history and checkpoints; a stop request on any
+process stops all of them at the same batch.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from ..errors import IstnError
 from ..io import write_text
 from ..losses import needs_seg, training_loss
 from ..metrics import mean_metrics
+from . import distributed
 from .evaluate import evaluate
 from .model import (
     CHECKPOINT,
@@ -102,11 +113,52 @@ def _batch(ps: PairSet, idx: torch.Tensor, device: torch.device) -> dict[str, to
     return {k: get(getattr(ps, k)) for k in ("src", "trg", "src_seg", "trg_seg")}
 
 
+class _Step(torch.nn.Module):
+    """ITN + STN as one module returning the batch loss, for DistributedDataParallel."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+        self.nets = torch.nn.ModuleList([n for n in (model.itn, model.stn) if n is not None])
+
+    def forward(self, b: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return step_loss(self.model, b, self.model.cfg.smoothness)
+
+
+class _NullWriter:
+    """TensorBoard writer of the processes that do not write (rank > 0)."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _local_part(idx: torch.Tensor, d: distributed.Dist) -> tuple[torch.Tensor, float]:
+    """This process's pairs of a global batch and the weight of its mean loss.
+
+    The weight ``len(local) * world / len(batch)`` makes DDP's gradient average the
+    mean over the whole batch. A process left without pairs (a last batch smaller
+    than the number of processes) runs one pair with weight 0, so that it still
+    takes part in the gradient exchange.
+    """
+    if not d.active:
+        return idx, 1.0
+    local = idx.tensor_split(d.world)[d.rank]
+    if len(local) == 0:
+        return idx[:1], 0.0
+    return local, len(local) * d.world / len(idx)
+
+
 def step_loss(model: Model, b: dict, smoothness: float = 0.0
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one batch and return the strategy's loss and its terms."""
     s_p, t_p = model.primes(b["src"], b["trg"])
-    params = model.stn(torch.cat([s_p, t_p], dim=1))
+    params = model.params(s_p, t_p)
     grid = model.stn.grid(params)
     loss, terms = training_loss(model.strategy, grid, b["src"], b["trg"], s_p, t_p,
                                 b["src_seg"], b["trg_seg"])
@@ -140,6 +192,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     or the weights become NaN/Inf (the last good checkpoint is kept).
     """
     cfg = model.cfg
+    d = distributed.current()
     torch.set_flush_denormal(True)  # denormals slow CPU training without changing results
     if needs_seg(model.strategy) and train_set.src_seg is None:
         raise IstnError(f"strategy '{model.strategy}' needs training segmentations: "
@@ -148,6 +201,10 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     n_batches = math.ceil(n / bs)
     model_dir = out / "train" / "model"
     model.to(device)
+    step: torch.nn.Module = _Step(model)
+    if d.active:  # broadcasts rank 0's weights, then averages gradients in backward()
+        step = torch.nn.parallel.DistributedDataParallel(
+            step, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     start, history, position = 1, [], None
     saved = "none"  # the last checkpoint written or loaded, for error messages
@@ -155,11 +212,14 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         start, history, position = _resume(model, opt, model_dir, seed, n, n_batches)
         saved = (f"'{model_dir / CHECKPOINT}' (epoch {start}, batch {position[0]})" if position
                  else f"'{model_dir / CHECKPOINT}' (epoch {start - 1})")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    write_model_info(model, model_dir)
+    if d.main:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        write_model_info(model, model_dir)
 
     def save(path: Path, done: int, batch: int = 0, partial: dict | None = None) -> None:
         nonlocal saved
+        if not d.main:
+            return
         extra: dict[str, Any] = {"history": json.dumps(history), "seed": seed, "pairs": n}
         if batch:
             extra.update(batch=batch, partial=partial)
@@ -167,8 +227,8 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         saved = (f"'{model_dir / CHECKPOINT}' (epoch {done + 1}, batch {batch})" if batch
                  else f"'{model_dir / CHECKPOINT}' (epoch {done})")
 
-    writer = report.tensorboard_writer(out / "tensorboard")
-    bar = tqdm(range(start, cfg.epochs + 1), desc="train", disable=not progress,
+    writer = report.tensorboard_writer(out / "tensorboard") if d.main else _NullWriter()
+    bar = tqdm(range(start, cfg.epochs + 1), desc="train", disable=not (progress and d.main),
                initial=start - 1, total=cfg.epochs)
     try:
         with _StopRequest() as stop:
@@ -180,20 +240,31 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                 if position is not None and epoch == start:
                     first, sums, count, before = position
                 t0 = time.perf_counter()
+                stopping = False
                 for b in range(first, n_batches):
-                    idx = order[b * bs:(b + 1) * bs]
-                    loss, terms = step_loss(model, _batch(train_set, idx, device),
-                                            cfg.smoothness)
-                    if not torch.isfinite(loss):
-                        raise _diverged(f"the loss became {loss.item()}", epoch, b + 1,
-                                        n_batches, saved)
+                    idx, weight = _local_part(order[b * bs:(b + 1) * bs], d)
+                    loss, terms = step(_batch(train_set, idx, device))
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight if weight != 1.0 else loss).backward()
+                    # batch sums of every logged value (over all processes), the batch
+                    # size and the stop request, in one exchange
+                    named = {"loss": loss, **terms}
+                    n_local = len(idx) * (weight > 0)
+                    stats = torch.stack([v.detach().float() * n_local for v in named.values()]
+                                        + [loss.new_tensor(n_local),
+                                           loss.new_tensor(stop.signum is not None)])
+                    stats = distributed.all_sum(stats, d)
+                    if not torch.isfinite(stats[0]):
+                        raise _diverged(f"the loss became {(stats[0] / stats[-2]).item()}",
+                                        epoch, b + 1, n_batches, saved)
                     opt.step()
-                    for k, v in {"loss": loss, **terms}.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach() * len(idx)
-                    count += len(idx)
-                    if stop.signum is not None and b + 1 < n_batches:
+                    for k, v in zip(named, stats, strict=False):
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += int(stats[-2])
+                    stopping = bool(stats[-1] > 0)
+                    if stopping and stop.signum is None:  # another process was asked
+                        stop.signum = signal.SIGTERM
+                    if stopping and b + 1 < n_batches:
                         _check_finite(model, epoch, b + 1, n_batches, saved)
                         save(model_dir / CHECKPOINT, epoch - 1, b + 1,
                              {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count,
@@ -208,21 +279,28 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                 writer.add_scalar("train/seconds_per_epoch", row["seconds"], epoch)
                 bar.set_postfix(loss=f"{row['train_loss']:.4g}")
                 keep = epoch == 1 or epoch % cfg.val_interval == 0 or epoch == cfg.epochs
-                if keep and val_set is not None and len(val_set):
+                if keep and d.main and val_set is not None and len(val_set):
                     row.update(_validate(model, val_set, device, writer, epoch, out, save_temp))
+                    model.train(True)
                 history.append(row)
                 if keep:
                     save(model_dir / f"checkpoint_epoch{epoch:04d}.pt", epoch)
                 save(model_dir / CHECKPOINT, epoch)
-                write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
-                if stop.signum is not None and epoch < cfg.epochs:
+                if d.main:
+                    write_text(json.dumps(history, indent=1) + "\n",
+                               out / "train" / "history.json")
+                # several processes stop together, at a batch exchange (above)
+                asked = stopping if d.active else stop.signum is not None
+                if asked and epoch < cfg.epochs:
                     raise _interrupted(stop.signum, epoch + 1, 0, n_batches, model_dir)
     finally:
         bar.close()
         writer.close()
         torch.set_flush_denormal(False)  # leave the process as found (the default is off)
-    write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
-    report.loss_curve(history, out / "train" / "loss_curve.png")
+    if d.main:
+        write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
+        report.loss_curve(history, out / "train" / "loss_curve.png")
+    distributed.barrier(d)  # the model is written before any process goes on to test it
     if stop.signum is not None:  # the request came during the last epoch: training is done
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(stop.signum).name} after training all {cfg.epochs} "

@@ -1,0 +1,18 @@
+"""Shared test setup."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def _istn_cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("istn-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_istn_cache(_istn_cache_root, monkeypatch):
+    """Run every test with the preprocessing cache on but never in the real ~/.cache.
+
+    Subprocesses started by a test inherit the variable too.
+    """
+    monkeypatch.setenv("ISTN_CACHE_DIR", str(_istn_cache_root))
+    monkeypatch.delenv("ISTN_NO_CACHE", raising=False)
