@@ -789,3 +789,25 @@ def test_edge_4d_image(tmp_path):
     with pytest.raises(IstnError):
         load_pairs(from_dict({"size": [36, 36]}),
                    csv_of(tmp_path / "p.csv", [(path, path)]))
+
+
+def test_collapsed_stn_is_detected():
+    """A dead encoder layer (all ReLUs below zero) gives every pair the same transformation."""
+    import torch
+
+    from istn.config import from_dict
+    from istn.engine.evaluate import predict
+    from istn.engine.model import Model
+    from istn.engine.train import collapsed
+
+    torch.manual_seed(0)
+    model = Model.build(from_dict({"size": [64, 64]}), "i", "affine")
+    for head in (model.stn.translation, model.stn.rotation):  # non-identity, input-dependent
+        torch.nn.init.normal_(head.weight, std=0.5)
+    src, trg = torch.rand(4, 1, 64, 64) * 255, torch.rand(4, 1, 64, 64) * 255
+    assert not collapsed(predict(model, src, trg)[0])
+    with torch.no_grad():
+        model.stn.encoder.net[3].bias.fill_(-1e9)  # the second conv: every output < 0
+    params = predict(model, src, trg)[0]
+    assert collapsed(params)
+    assert not collapsed(params[:1])  # one pair says nothing

@@ -381,10 +381,29 @@ def _interrupted(signum: int, epoch: int, batch: int, n_batches: int,
         "; to continue, run the same command with --resume (without --overwrite)")
 
 
+def collapsed(params: torch.Tensor, tol: float = 1e-6) -> bool:
+    """True if every pair got the same transformation parameters (needs >= 2 pairs).
+
+    A constant prediction means the STN no longer sees its input: with unnormalised
+    intensities (e.g. the published 0..255 synthetic config) a whole encoder layer
+    can end below zero for every input, and its ReLUs then never pass a gradient again.
+    """
+    if len(params) < 2:
+        return False
+    flat = params.flatten(1).double()
+    return bool((flat - flat[0]).abs().max() <= tol * (1 + flat[0].abs().max()))
+
+
 def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: Path,
               save_temp: bool) -> dict[str, float]:
     row = {"val_loss": validation_loss(model, val_set, device, model.cfg.batch_size)}
     res = evaluate(model, val_set, device, refine_iters=0, progress=False)
+    if collapsed(res["warped"].params):
+        row["val_stn_collapsed"] = 1.0
+        tqdm.write(f"istn: warning: epoch {epoch}: the STN predicts the same transformation for "
+                   f"all {len(val_set)} validation pairs (its ReLUs have died); training will "
+                   "not recover: retrain with another --seed, a lower learning_rate or "
+                   "normalised images (normalizer_img)")
     for k, v in mean_metrics(res["before_refinement"]).items():
         if v is not None:
             row[f"val_{k}"] = v
