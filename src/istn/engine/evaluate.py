@@ -3,9 +3,10 @@
 Refinement minimises ``MSE(W(S'), T')`` per pair with the ITN frozen (its outputs
 are computed once). All pairs of a chunk are refined together in one batch, each
 with its own copy of what is optimised: the STN's weights (``refine_mode
-'weights'``, as published; copies stacked and run with ``torch.func.vmap``) or
-the transformation parameters (``'params'``). Adam is element-wise, so summing the
-per-pair losses gives every pair exactly its own optimisation.
+'weights'``, as published; copies stacked and run as grouped convolutions and
+batched products, see ``_per_pair_stn``) or the transformation parameters
+(``'params'``). Adam is element-wise, so summing the per-pair losses gives every
+pair exactly its own optimisation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
@@ -37,7 +40,7 @@ def predict(model: Model, src: torch.Tensor, trg: torch.Tensor, batch_size: int 
     out_p, out_s, out_t = [], [], []
     for i in range(0, len(src), batch_size):
         s_p, t_p = model.primes(src[i:i + batch_size], trg[i:i + batch_size])
-        out_p.append(model.stn(torch.cat([s_p, t_p], dim=1)))
+        out_p.append(model.params(s_p, t_p))
         out_s.append(s_p)
         out_t.append(t_p)
     return torch.cat(out_p), torch.cat(out_s), torch.cat(out_t)
@@ -84,6 +87,165 @@ def _refine_params(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
 
 def _refine_weights(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
     stn = model.stn
+    x = torch.cat([s_p, t_p], dim=1)
+    per_pair = _per_pair_stn(stn, len(s_p))
+    if per_pair is None:  # a layer without a batched form: one vmapped copy per pair
+        return _refine_weights_vmap(model, s_p, t_p, iterations, lr, bar)
+    weights = list(per_pair.parameters())
+    opt = _adam(weights, lr)
+    for _ in range(iterations):
+        opt.zero_grad(set_to_none=True)
+        refinement_loss(stn.grid(per_pair(x)), s_p, t_p).sum().backward()
+        opt.step()
+        bar.update()
+    with torch.no_grad():
+        return per_pair(x)
+
+
+def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where the device has one (one pass, not ~10 per tensor)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # no fused Adam for this device or dtype
+        return torch.optim.Adam(params, lr=lr)
+
+
+# Parameter-free layers that act on every channel of every sample separately: they run
+# unchanged on pairs packed into channels ([1, n*C, *spatial]).
+_CHANNELWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Identity,
+                nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _per_pair_stn(stn: nn.Module, n: int) -> nn.Module | None:
+    """A copy of ``stn`` that gives each of ``n`` pairs (batch elements) its own weights.
+
+    Every Conv/Linear holds ``n`` stacked copies of its weights and applies copy ``i``
+    to pair ``i`` (grouped convolution, batched matrix product); parameter-free layers
+    are kept, as the STN treats batch elements independently. Sequences of convolutions
+    and channel-wise layers run on the pairs packed into channels, so no layout changes
+    happen between them. None when a layer has no such form (e.g. batch norm).
+    """
+    return _per_pair(copy.deepcopy(stn), n)
+
+
+def _per_pair(module: nn.Module, n: int) -> nn.Module | None:
+    if isinstance(module, nn.Sequential) and _packable(module):
+        return _Packed([_PairConv(m, n) if _plain_conv(m) else m for m in module], n)
+    if isinstance(module, _CONVS):
+        return _Packed([_PairConv(module, n)], n) if _plain_conv(module) else None
+    if type(module) is nn.Linear:
+        return _PairLinear(module, n)
+    if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            or next(module.parameters(recurse=False), None) is not None):
+        return None  # batch statistics or weights of an unknown layer
+    for name, child in module.named_children():
+        new = _per_pair(child, n)
+        if new is None:
+            return None
+        setattr(module, name, new)
+    return module
+
+
+def _plain_conv(m: nn.Module) -> bool:
+    return type(m) in _CONVS and m.padding_mode == "zeros"
+
+
+def _packable(seq: nn.Sequential) -> bool:
+    """Convolutions and channel-wise layers, optionally ending with a full Flatten."""
+    layers = list(seq)
+    if layers and isinstance(layers[-1], nn.Flatten):
+        if (layers[-1].start_dim, layers[-1].end_dim) != (1, -1):
+            return False
+        layers = layers[:-1]
+    return (any(isinstance(m, _CONVS) for m in layers)
+            and all(_plain_conv(m) or isinstance(m, _CHANNELWISE) for m in layers))
+
+
+class _Packed(nn.Module):
+    """Runs layers on ``n`` pairs packed into channels: [n, C, ...] -> [1, n*C, ...] -> back.
+
+    Pairs stay outermost in the channel order, so unpacking is a reshape, also after a
+    Flatten ([1, n*F] -> [n, F]).
+    """
+
+    def __init__(self, layers: list[nn.Module], n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.n = n
+        self._last: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._pack(x)
+        after_conv = False
+        for layer in self.layers:
+            # a convolution keeps no output for its backward: ReLU may overwrite it
+            y = torch.relu_(y) if after_conv and type(layer) is nn.ReLU else layer(y)
+            after_conv = isinstance(layer, _PairConv)
+        return y.reshape(self.n, y.shape[1] // self.n, *y.shape[2:])
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        # Refinement feeds the same fixed input every iteration: pack it once.
+        last = self._last
+        if last is not None and last[0] is x and last[1] == (x._version, last[2]._version):
+            return last[2]
+        y = x.reshape(1, -1, *x.shape[2:])
+        first = self.layers[0]
+        fmt = _channels_last(first.weight) if isinstance(first, _PairConv) else None
+        if fmt is not None:
+            # The grouped convolution's layout, with canonical strides: a permuted view
+            # (odd stride on the size-1 batch axis) gave wrong float64 weight gradients.
+            y = y.contiguous(memory_format=fmt)
+        if not x.requires_grad:
+            self._last = (x, (x._version, y._version), y)
+        return y
+
+
+def _channels_last(t: torch.Tensor) -> torch.memory_format | None:
+    """The channels-last format ``t`` is in, if any."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt):
+        return fmt
+    return None
+
+
+class _PairConv(nn.Module):
+    """``n`` copies of a convolution as one grouped convolution on packed pairs."""
+
+    def __init__(self, conv: nn.Module, n: int):
+        super().__init__()
+        w = conv.weight.detach()
+        self.weight = nn.Parameter(torch.cat([w] * n))  # keeps w's memory format
+        self.bias = (nn.Parameter(conv.bias.detach().repeat(n)) if conv.bias is not None
+                     else None)
+        self.args = (conv.stride, conv.padding, conv.dilation, n * conv.groups)
+        self.conv = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, self.weight, self.bias, *self.args)
+
+
+class _PairLinear(nn.Module):
+    """``n`` copies of a linear layer; copy ``i`` maps pair ``i`` ([n, ..., in])."""
+
+    def __init__(self, linear: nn.Linear, n: int):
+        super().__init__()
+        # Stored transposed, [n, in, out]: x @ W is then one batched product whose
+        # weight gradient comes out in the weight's own layout.
+        self.weight = nn.Parameter(linear.weight.detach().t().expand(n, -1, -1).contiguous())
+        self.bias = (nn.Parameter(linear.bias.detach().expand(n, 1, -1).contiguous())
+                     if linear.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(len(self.weight), -1, x.shape[-1])  # [n, m, in]
+        y = (torch.bmm(h, self.weight) if self.bias is None
+             else torch.baddbmm(self.bias, h, self.weight))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _refine_weights_vmap(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
+    """General form of ``_refine_weights``: one STN copy per pair under ``vmap``."""
+    stn = model.stn
     weights, buffers = stack_module_state([copy.deepcopy(stn) for _ in range(len(s_p))])
     weights = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
     x = torch.cat([s_p, t_p], dim=1).unsqueeze(1)  # [N, 1, 2C, *shape]: one pair per copy
@@ -96,7 +258,7 @@ def _refine_weights(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
     def params_now():
         return batched(weights, buffers, x).squeeze(1)
 
-    opt = torch.optim.Adam(list(weights.values()), lr=lr)
+    opt = _adam(list(weights.values()), lr)
     for _ in range(iterations):
         opt.zero_grad(set_to_none=True)
         refinement_loss(stn.grid(params_now()), s_p, t_p).sum().backward()
