@@ -63,6 +63,29 @@ def say(*args) -> None:
         print(*args)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of handing it back to the system.
+
+    Training and refinement free and reallocate the same tens of MB every iteration;
+    by default glibc returns that memory each time and the next iteration pays
+    thousands of page faults (about a fifth of a 2D refinement iteration). The
+    setting is process-wide, so the command line sets it, never the library. Blocks
+    over 32 MB are still mapped separately; a no-op without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: heap (reusable) below 32 MB
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap
+    except (OSError, AttributeError):
+        pass
+
+
 def build_config(args: argparse.Namespace) -> Config:
     overrides = {k: getattr(args, k, None) for k in CONFIG_KEYS}
     if getattr(args, "config", None) is None and getattr(args, "mode3d", False):
@@ -393,6 +416,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, dispatch) -> i
     """
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
+    keep_freed_memory()
 
     def fail(message: str, code: int) -> int:
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())

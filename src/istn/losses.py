@@ -49,12 +49,17 @@ def training_loss(strategy: str, grid: torch.Tensor, src: torch.Tensor, trg: tor
     else:
         if src_seg is None or trg_seg is None:
             raise IstnError(f"strategy '{strategy}' needs segmentations (--train_seg)")
-        warped_seg = warp(src_seg, grid)
+        if strategy == "i":  # one resampling of both images (same grid: half the work)
+            c = src_seg.shape[1]
+            both = warp(torch.cat([src_seg, src_prime], dim=1), grid)
+            warped_seg, warped_prime = both[:, :c], both[:, c:]
+        else:
+            warped_seg = warp(src_seg, grid)
         terms["stn_s"] = F.mse_loss(warped_seg, trg_seg)
         if strategy == "e":
             terms["itn"] = F.mse_loss(src_prime, src_seg) + F.mse_loss(trg_prime, trg_seg)
         elif strategy == "i":
-            terms["stn_i"] = (F.mse_loss(warp(src_prime, grid), trg_seg)
+            terms["stn_i"] = (F.mse_loss(warped_prime, trg_seg)
                               + F.mse_loss(warped_seg, trg_prime))
     return torch.stack(list(terms.values())).sum(), terms
 
