@@ -30,21 +30,28 @@ def test_autocast_keeps_float32_outputs():
 
 
 def test_amp_gives_the_same_dice(tmp_path):
+    """Same trained model, tested (prediction + refinement) in float32 and under --amp.
+
+    Comparing two *trainings* would mostly measure chaos: on small data a change of
+    summation order alone moves the Dice of a few-epoch model by more than 0.01.
+    """
     data = tmp_path / "data"
     assert main(["synth", "2d", "--out", str(data), "--pairs", "20", "--val", "2", "--test",
-                 "4", "--size", "64", "64", "--seed", "5"]) == 0
+                 "6", "--size", "64", "64", "--seed", "5"]) == 0
     s = lambda name: str(data / name)  # noqa: E731
+    base = ["--config", s("config.json"), "--quiet", "--dev", "cpu", "--seed", "1"]
+    out = tmp_path / "train"
+    assert main_reg([*base, "--train", s("train.csv"), "--train_seg", s("train.seg.csv"),
+                     "--epochs", "30", "--batch_size", "5", "--out", str(out), "--amp"]) == 0
+    history = json.loads((out / "train" / "history.json").read_text())
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]  # it learnt under amp
     dice = {}
     for amp in (False, True):
-        out = tmp_path / f"amp{int(amp)}"
-        args = ["--config", s("config.json"), "--train", s("train.csv"), "--train_seg",
-                s("train.seg.csv"), "--test", s("test.csv"), "--test_seg", s("test.seg.csv"),
-                "--epochs", "30", "--batch_size", "5", "--refine", "10", "--out", str(out),
-                "--quiet", "--dev", "cpu", "--seed", "1"] + (["--amp"] if amp else [])
-        assert main_reg(args) == 0
-        summary = json.loads((out / "test" / "summary.json").read_text())
-        dice[amp] = summary["after_refinement"]["dice"]
-        history = json.loads((out / "train" / "history.json").read_text())
-        assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]  # it learnt
-    print("Dice after refinement, fp32 / bf16 autocast:", dice[False], dice[True])
+        test_out = tmp_path / f"test{int(amp)}"
+        assert main(["test", "--model", str(out / "train" / "model"), "--test", s("test.csv"),
+                     "--test_seg", s("test.seg.csv"), "--refine", "20", "--out",
+                     str(test_out), "--quiet", "--dev", "cpu"] + (["--amp"] if amp else [])) == 0
+        summary = json.loads((test_out / "test" / "summary.json").read_text())
+        dice[amp] = (summary["before_refinement"]["dice"], summary["after_refinement"]["dice"])
+    print("Dice before/after refinement, fp32:", dice[False], "bf16 autocast:", dice[True])
     assert dice[True] == pytest.approx(dice[False], abs=0.01)
