@@ -791,23 +791,25 @@ def test_edge_4d_image(tmp_path):
                    csv_of(tmp_path / "p.csv", [(path, path)]))
 
 
-def test_collapsed_stn_is_detected():
-    """A dead encoder layer (all ReLUs below zero) gives every pair the same transformation."""
+def test_dead_stn_layer_is_detected():
+    """A dead encoder layer (all ReLUs below zero) is named; a healthy STN has none."""
     import torch
 
     from istn.config import from_dict
     from istn.engine.evaluate import predict
     from istn.engine.model import Model
-    from istn.engine.train import collapsed
+    from istn.engine.train import dead_relus, param_spread
 
     torch.manual_seed(0)
     model = Model.build(from_dict({"size": [64, 64]}), "i", "affine")
     for head in (model.stn.translation, model.stn.rotation):  # non-identity, input-dependent
         torch.nn.init.normal_(head.weight, std=0.5)
     src, trg = torch.rand(4, 1, 64, 64) * 255, torch.rand(4, 1, 64, 64) * 255
-    assert not collapsed(predict(model, src, trg)[0])
+    assert dead_relus(model.stn, src, trg) == []
+    assert param_spread(predict(model, src, trg)[0]) > 1e-4
     with torch.no_grad():
         model.stn.encoder.net[3].bias.fill_(-1e9)  # the second conv: every output < 0
+    assert dead_relus(model.stn, src, trg) == ["encoder.net.4"]
     params = predict(model, src, trg)[0]
-    assert collapsed(params)
-    assert not collapsed(params[:1])  # one pair says nothing
+    assert param_spread(params) < 1e-7  # one transformation for all pairs
+    assert param_spread(params[:1]) == float("inf")  # one pair says nothing

@@ -381,29 +381,60 @@ def _interrupted(signum: int, epoch: int, batch: int, n_batches: int,
         "; to continue, run the same command with --resume (without --overwrite)")
 
 
-def collapsed(params: torch.Tensor, tol: float = 1e-6) -> bool:
-    """True if every pair got the same transformation parameters (needs >= 2 pairs).
+def param_spread(params: torch.Tensor) -> float:
+    """Largest difference between pairs' parameters, relative to 1 + their size (inf: one pair).
 
-    A constant prediction means the STN no longer sees its input: with unnormalised
-    intensities (e.g. the published 0..255 synthetic config) a whole encoder layer
-    can end below zero for every input, and its ReLUs then never pass a gradient again.
+    About 1e-9 when the STN has collapsed to one transformation for all pairs (only
+    round-off differs); 1e-6 and more in trainings that went on to learn.
     """
     if len(params) < 2:
-        return False
+        return 0.0 if len(params) == 0 else float("inf")
     flat = params.flatten(1).double()
-    return bool((flat - flat[0]).abs().max() <= tol * (1 + flat[0].abs().max()))
+    return float((flat - flat[0]).abs().max() / (1 + flat.abs().max()))
+
+
+@torch.no_grad()
+def dead_relus(stn: torch.nn.Module, src_prime: torch.Tensor, trg_prime: torch.Tensor
+               ) -> list[str]:
+    """Names of the STN's ReLU layers whose output is zero for every given pair.
+
+    Such a layer passes no gradient any more, so training cannot revive it, and the
+    STN predicts one transformation for every pair. It happens with the published
+    synthetic 2D config in some trainings (the second encoder convolution ends below
+    zero for every input).
+    """
+    alive: dict[str, bool] = {}
+
+    def hook(name):
+        return lambda module, args, out: alive.__setitem__(
+            name, alive.get(name, False) or bool((out > 0).any()))
+
+    hooks = [m.register_forward_hook(hook(name)) for name, m in stn.named_modules()
+             if isinstance(m, torch.nn.ReLU)]
+    try:
+        for i in range(0, len(src_prime), 16):
+            stn(torch.cat([src_prime[i:i + 16], trg_prime[i:i + 16]], dim=1))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [name for name, ok in alive.items() if not ok]
 
 
 def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: Path,
               save_temp: bool) -> dict[str, float]:
     row = {"val_loss": validation_loss(model, val_set, device, model.cfg.batch_size)}
     res = evaluate(model, val_set, device, refine_iters=0, progress=False)
-    if collapsed(res["warped"].params):
+    primes = ((res["src_prime"], res["trg_prime"]) if res["src_prime"] is not None
+              else (val_set.src, val_set.trg))
+    dead = dead_relus(model.stn, *(t.to(device) for t in primes))
+    spread = param_spread(res["warped"].params)
+    if dead or spread <= 1e-7:
         row["val_stn_collapsed"] = 1.0
-        tqdm.write(f"istn: warning: epoch {epoch}: the STN predicts the same transformation for "
-                   f"all {len(val_set)} validation pairs (its ReLUs have died); training will "
-                   "not recover: retrain with another --seed, a lower learning_rate or "
-                   "normalised images (normalizer_img)")
+        why = (f"its layer(s) {', '.join(dead)} output zero for every pair (dead ReLUs)" if dead
+               else f"its outputs differ by at most {spread:.1g} between pairs")
+        tqdm.write(f"istn: warning: epoch {epoch}: the STN gives all {len(val_set)} validation "
+                   f"pairs the same transformation: {why}; trainings in this state did not "
+                   "recover in our runs: retrain with another --seed or a lower learning_rate")
     for k, v in mean_metrics(res["before_refinement"]).items():
         if v is not None:
             row[f"val_{k}"] = v
