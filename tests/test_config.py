@@ -120,6 +120,7 @@ def test_int_for_float_is_converted():
         ("learning_rate", math.nan),
         ("refine", -1),
         ("refine_batch", -1),
+        ("restarts", -1),
         ("refine_learning_rate", 0.0),
         ("smoothness", -0.1),
         ("max_scaling", 0.0),
@@ -145,6 +146,11 @@ def test_all_normalisers_accepted():
     for name in ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero"):
         assert from_dict(dict(PUBLISHED, normalizer_img=name, normalizer_seg=name)).normalizer_img \
             == name
+
+
+def test_unknown_network_scaling():
+    with pytest.raises(IstnError, match="'network_scaling'.*auto, none"):
+        from_dict(dict(PUBLISHED, network_scaling="minmax"))
 
 
 def test_unknown_refine_mode():

@@ -448,6 +448,9 @@ def _tampered(trained: Path, tmp_path: Path, change) -> Path:
     (lambda s: s["meta"].update(strategy="zz"), ("damaged", "unknown strategy 'zz'")),
     (lambda s: s["meta"]["config"].update(size=[30, 30]), ("config", "'size'")),
     (lambda s: s.update(stn=None), ("damaged", "no STN weights")),
+    (lambda s: s["meta"].update(scaling={"image": [0.0, -1.0], "seg": [0.0, 1.0]}),
+     ("'scaling'", "positive standard deviations")),
+    (lambda s: s["meta"].update(scaling={"image": [0.0]}), ("'scaling'", "damaged")),
 ])
 def test_damaged_checkpoint_is_refused_before_loading(data, trained, tmp_path, capsys,
                                                       change, needles):
@@ -792,24 +795,24 @@ def test_edge_4d_image(tmp_path):
 
 
 def test_dead_stn_layer_is_detected():
-    """A dead encoder layer (all ReLUs below zero) is named; a healthy STN has none."""
+    """A dead encoder layer (all ReLUs below zero) is named; a healthy model has none."""
     import torch
 
     from istn.config import from_dict
     from istn.engine.evaluate import predict
     from istn.engine.model import Model
-    from istn.engine.train import dead_relus, param_spread
+    from istn.engine.train import dead_layers, param_spread
 
     torch.manual_seed(0)
     model = Model.build(from_dict({"size": [64, 64]}), "i", "affine")
     for head in (model.stn.translation, model.stn.rotation):  # non-identity, input-dependent
         torch.nn.init.normal_(head.weight, std=0.5)
     src, trg = torch.rand(4, 1, 64, 64) * 255, torch.rand(4, 1, 64, 64) * 255
-    assert dead_relus(model.stn, src, trg) == []
+    assert dead_layers(model, src, trg) == []
     assert param_spread(predict(model, src, trg)[0]) > 1e-4
     with torch.no_grad():
         model.stn.encoder.net[3].bias.fill_(-1e9)  # the second conv: every output < 0
-    assert dead_relus(model.stn, src, trg) == ["encoder.net.4"]
+    assert dead_layers(model, src, trg) == ["stn.encoder.net.4"]
     params = predict(model, src, trg)[0]
     assert param_spread(params) < 1e-7  # one transformation for all pairs
     assert param_spread(params[:1]) == float("inf")  # one pair says nothing

@@ -19,6 +19,7 @@ from .errors import IstnError
 
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
 REFINE_MODES = ("weights", "params")
+NETWORK_SCALINGS = ("auto", "none")
 
 
 @dataclass
@@ -54,6 +55,13 @@ class Config:
     refine_mode: str = "weights"
     refine_learning_rate: float | None = None
     refine_batch: int = 0
+    # Extensions: training robustness. 'auto': the networks see intensities standardised
+    # by the training set's mean and standard deviation (the ITN's output is mapped back
+    # to SoI units, so losses and metrics keep the data's units); 'none': raw values, as
+    # published. restarts: how often training starts again from a fresh initialisation
+    # when a ReLU layer of the ITN or STN has died (0: never, as published).
+    network_scaling: str = "auto"
+    restarts: int = 3
 
     @property
     def dim(self) -> int:
@@ -139,6 +147,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise err(key, f"must be >= 1, got {getattr(cfg, key)}")
     if cfg.refine < 0:
         raise err("refine", f"must be >= 0, got {cfg.refine}")
+    if cfg.restarts < 0:
+        raise err("restarts", f"must be >= 0 (0: never restart), got {cfg.restarts}")
+    if cfg.network_scaling not in NETWORK_SCALINGS:
+        raise err("network_scaling", f"must be one of {', '.join(NETWORK_SCALINGS)}; "
+                  f"got '{cfg.network_scaling}'")
     if cfg.refine_batch < 0:
         raise err("refine_batch", "must be >= 0 (0 refines all pairs together)")
     for key in ("learning_rate", "max_scaling", "max_displacement", "bspline_spacing"):

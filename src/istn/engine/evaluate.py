@@ -74,7 +74,7 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor, itera
 
 def _refine_params(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
     with torch.no_grad():
-        params = model.stn(torch.cat([s_p, t_p], dim=1))
+        params = model.params(s_p, t_p)
     params = params.clone().requires_grad_(True)
     opt = torch.optim.Adam([params], lr=lr)
     for _ in range(iterations):
@@ -87,7 +87,7 @@ def _refine_params(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
 
 def _refine_weights(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
     stn = model.stn
-    x = torch.cat([s_p, t_p], dim=1)
+    x = model.stn_input(s_p, t_p)
     per_pair = _per_pair_stn(stn, len(s_p))
     if per_pair is None:  # a layer without a batched form: one vmapped copy per pair
         return _refine_weights_vmap(model, s_p, t_p, iterations, lr, bar)
@@ -248,7 +248,7 @@ def _refine_weights_vmap(model, s_p, t_p, iterations, lr, bar) -> torch.Tensor:
     stn = model.stn
     weights, buffers = stack_module_state([copy.deepcopy(stn) for _ in range(len(s_p))])
     weights = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
-    x = torch.cat([s_p, t_p], dim=1).unsqueeze(1)  # [N, 1, 2C, *shape]: one pair per copy
+    x = model.stn_input(s_p, t_p).unsqueeze(1)  # [N, 1, 2C, *shape]: one pair per copy
 
     def one(w, b, xi):
         return functional_call(stn, (w, b), (xi,))

@@ -7,6 +7,7 @@ so a crafted file cannot run code) and are written atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ class Model:
     # saved). Their outputs are cast back to float32, so the transformation, warping,
     # losses and metrics stay in float32.
     amp: bool = False
+    # Network scaling (config 'network_scaling' 'auto', set when training starts and saved
+    # in checkpoints): {"image": [mean, std], "seg": [mean, std]} of the training data.
+    # The networks then see standardised values: the ITN maps standardised images to
+    # standardised SoI, mapped back to SoI units, and the STN sees standardised inputs.
+    # Adam's fixed step size then acts on weights and biases alike whatever the data's
+    # units (raw 0..255 PNGs let the biases move by a tiny fraction of the activations).
+    # None: raw values, as published.
+    scaling: dict[str, list[float]] | None = None
 
     @classmethod
     def build(cls, cfg: Config, strategy: str, transformation: str) -> Model:
@@ -79,20 +88,54 @@ class Model:
         """(S', T'): ITN outputs for ISTN-e/-i, the images themselves otherwise."""
         if self.itn is None:
             return src, trg
+        x = torch.cat([src, trg], dim=0)
+        if self.scaling is not None:
+            mean, std = self.scaling["image"]
+            x = (x - mean) / std
         with self.autocast():
-            both = self.itn(torch.cat([src, trg], dim=0)).float()
+            both = self.itn(x).float()
+        if self.scaling is not None:
+            mean, std = self.scaling["seg"]
+            both = both * std + mean
         return both[: len(src)], both[len(src):]
+
+    def stn_input(self, src_prime: torch.Tensor, trg_prime: torch.Tensor) -> torch.Tensor:
+        """The STN's input [B, 2C, ...]: (S', T') stacked, standardised when scaling is set."""
+        x = torch.cat([src_prime, trg_prime], dim=1)
+        if self.scaling is not None:
+            # S', T' are in SoI units for ISTN-e/-i, the images themselves for STN-u/-s
+            mean, std = self.scaling["seg" if self.itn is not None else "image"]
+            x = (x - mean) / std
+        return x
 
     def params(self, src_prime: torch.Tensor, trg_prime: torch.Tensor) -> torch.Tensor:
         """The STN's transformation parameters for the pairs (S', T') (float32)."""
+        x = self.stn_input(src_prime, trg_prime)
         with self.autocast():
-            return self.stn(torch.cat([src_prime, trg_prime], dim=1)).float()
+            return self.stn(x).float()
 
     def meta(self) -> dict[str, Any]:
         return {"format": "istn-checkpoint", "istn_version": __version__,
                 "strategy": self.strategy, "transformation": self.transformation,
                 "dim": self.cfg.dim, "size": self.cfg.size, "spacing": self.cfg.spacing,
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "scaling": self.scaling}
+
+
+def scaling_from(src: torch.Tensor, trg: torch.Tensor, src_seg: torch.Tensor | None,
+                 trg_seg: torch.Tensor | None) -> dict[str, list[float]]:
+    """Mean and standard deviation of the training images and SoI (all voxels of both sides).
+
+    A constant set (standard deviation 0) keeps the scale 1, so nothing divides by zero.
+    """
+    def stats(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        x = torch.cat([a.flatten(), b.flatten()]).double()
+        std = float(x.std()) if x.numel() > 1 else 0.0
+        return [float(x.mean()), std if std > 0 else 1.0]
+
+    out = {"image": stats(src, trg)}
+    out["seg"] = stats(src_seg, trg_seg) if src_seg is not None and trg_seg is not None \
+        else [0.0, 1.0]
+    return out
 
 
 def save_checkpoint(model: Model, path: Path, optimizer: torch.optim.Optimizer | None = None,
@@ -239,6 +282,23 @@ def load_weights(model: Model, state: dict[str, Any], source: str) -> None:
     model.stn.load_state_dict(state["stn"])
     if model.itn is not None:
         model.itn.load_state_dict(state["itn"])
+    model.scaling = _read_scaling(state["meta"].get("scaling"), source)
+
+
+def _read_scaling(value: Any, source: str) -> dict[str, list[float]] | None:
+    """The checkpoint's network scaling (None in checkpoints of raw-value models)."""
+    if value is None:
+        return None
+    try:
+        out = {k: [float(value[k][0]), float(value[k][1])] for k in ("image", "seg")}
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise IstnError(f"model '{source}': its 'scaling' metadata is damaged ({value!r}); "
+                        "use a checkpoint written by istn train") from None
+    if not all(math.isfinite(v) for pair in out.values() for v in pair) or \
+            not all(pair[1] > 0 for pair in out.values()):
+        raise IstnError(f"model '{source}': its 'scaling' metadata must hold finite means "
+                        f"and positive standard deviations, got {value!r}")
+    return out
 
 
 def load_model(path: str | Path, cfg: Config | None = None, strategy: str | None = None,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -58,12 +59,18 @@ from .model import (
     load_weights,
     read_checkpoint,
     save_checkpoint,
+    scaling_from,
     write_model_info,
 )
 
 # Config keys that may change when resuming (they do not change what was learnt so far).
 RESUMABLE_KEYS = ("epochs", "val_interval", "learning_rate", "refine", "refine_mode",
-                  "refine_learning_rate", "refine_batch")
+                  "refine_learning_rate", "refine_batch", "restarts")
+# Training restart k (config 'restarts') draws its initialisation and batch order from
+# seed + k * RESTART_SEED_STEP: it trains exactly as a run started with that --seed.
+RESTART_SEED_STEP = 1000
+# Training pairs on which dead ReLU layers are looked for after every epoch.
+PROBE_PAIRS = 16
 
 
 class TrainingInterrupted(IstnError):
@@ -206,12 +213,18 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         step = torch.nn.parallel.DistributedDataParallel(
             step, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    start, history, position = 1, [], None
+    start, history, position, attempt, restarts = 1, [], None, 0, []
     saved = "none"  # the last checkpoint written or loaded, for error messages
     if resume and (model_dir / CHECKPOINT).is_file():
-        start, history, position = _resume(model, opt, model_dir, seed, n, n_batches)
+        start, history, position, attempt, restarts = _resume(model, opt, model_dir, seed, n,
+                                                              n_batches)
         saved = (f"'{model_dir / CHECKPOINT}' (epoch {start}, batch {position[0]})" if position
                  else f"'{model_dir / CHECKPOINT}' (epoch {start - 1})")
+    else:
+        model.scaling = (scaling_from(train_set.src, train_set.trg, train_set.src_seg,
+                                      train_set.trg_seg)
+                         if cfg.network_scaling == "auto" else None)
+    probe = _batch(train_set, torch.arange(min(n, PROBE_PAIRS)), device)
     if d.main:
         model_dir.mkdir(parents=True, exist_ok=True)
         write_model_info(model, model_dir)
@@ -220,7 +233,8 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         nonlocal saved
         if not d.main:
             return
-        extra: dict[str, Any] = {"history": json.dumps(history), "seed": seed, "pairs": n}
+        extra: dict[str, Any] = {"history": json.dumps(history), "seed": seed, "pairs": n,
+                                 "attempt": attempt, "restarts": json.dumps(restarts)}
         if batch:
             extra.update(batch=batch, partial=partial)
         save_checkpoint(model, path, opt, done, extra)
@@ -228,13 +242,15 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                  else f"'{model_dir / CHECKPOINT}' (epoch {done})")
 
     writer = report.tensorboard_writer(out / "tensorboard") if d.main else _NullWriter()
-    bar = tqdm(range(start, cfg.epochs + 1), desc="train", disable=not (progress and d.main),
-               initial=start - 1, total=cfg.epochs)
+    bar = tqdm(desc="train", disable=not (progress and d.main), initial=start - 1,
+               total=cfg.epochs)
     try:
         with _StopRequest() as stop:
-            for epoch in bar:
+            epoch = start
+            while epoch <= cfg.epochs:
                 model.train(True)
-                gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+                run_seed = seed + attempt * RESTART_SEED_STEP
+                gen = torch.Generator().manual_seed(run_seed * 100_003 + epoch)
                 order = torch.randperm(n, generator=gen)
                 first, sums, count, before = 0, {}, 0, 0.0
                 if position is not None and epoch == start:
@@ -271,6 +287,25 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                               "seconds": before + time.perf_counter() - t0})
                         raise _interrupted(stop.signum, epoch, b + 1, n_batches, model_dir)
                 _check_finite(model, epoch, n_batches, n_batches, saved)
+                dead = dead_layers(model, probe["src"], probe["trg"]) \
+                    if attempt < cfg.restarts else []
+                if dead:
+                    # A dead ReLU layer passes no gradient: training cannot revive it, and
+                    # the ITN or STN then gives every pair the same output.
+                    attempt += 1
+                    restarts.append({"epoch": epoch, "dead": dead,
+                                     "seed": seed + attempt * RESTART_SEED_STEP})
+                    if d.main:
+                        tqdm.write(f"istn: warning: epoch {epoch}: layer(s) {', '.join(dead)} "
+                                   f"output zero for all {len(probe['src'])} probed training "
+                                   f"pairs (dead ReLUs); restart {attempt} of {cfg.restarts} "
+                                   f"from a fresh initialisation (seed "
+                                   f"{restarts[-1]['seed']})", file=sys.stderr)
+                    reinitialise(model, restarts[-1]["seed"])
+                    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+                    history, epoch, position = [], 1, None
+                    bar.reset()
+                    continue
                 row = {"epoch": epoch, "seconds": before + time.perf_counter() - t0}
                 row.update({f"train_{k}": float(v) / count for k, v in sums.items()})
                 for k, v in row.items():
@@ -293,6 +328,8 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                 asked = stopping if d.active else stop.signum is not None
                 if asked and epoch < cfg.epochs:
                     raise _interrupted(stop.signum, epoch + 1, 0, n_batches, model_dir)
+                bar.update()
+                epoch += 1
     finally:
         bar.close()
         writer.close()
@@ -309,8 +346,11 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
 
 
 def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int, n: int,
-            n_batches: int) -> tuple[int, list, tuple | None]:
-    """Load ``checkpoint.pt`` for resuming; returns (first epoch, history, position)."""
+            n_batches: int) -> tuple[int, list, tuple | None, int, list]:
+    """Load ``checkpoint.pt`` for resuming.
+
+    Returns (first epoch, history, position, restart attempt, restart records).
+    """
     path = model_dir / CHECKPOINT
     state = read_checkpoint(path)
     extra = state["extra"]
@@ -333,6 +373,8 @@ def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int
             group["lr"] = model.cfg.learning_rate
         torch.set_rng_state(state["rng"])
         history = json.loads(extra.get("history", "[]"))
+        attempt = int(extra.get("attempt", 0))
+        restarts = json.loads(extra.get("restarts", "[]"))
         position = None
         batch = extra.get("batch", 0)
         if batch:
@@ -349,7 +391,7 @@ def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int
                         "start a new --out or use --overwrite") from None
     for stale in model_dir.glob(".checkpoint*.pt"):  # temporary files of a killed run
         stale.unlink(missing_ok=True)
-    return int(state["epoch"]) + 1, history, position
+    return int(state["epoch"]) + 1, history, position, attempt, restarts
 
 
 def _first_line(e: BaseException) -> str:
@@ -394,14 +436,14 @@ def param_spread(params: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def dead_relus(stn: torch.nn.Module, src_prime: torch.Tensor, trg_prime: torch.Tensor
-               ) -> list[str]:
-    """Names of the STN's ReLU layers whose output is zero for every given pair.
+def dead_layers(model: Model, src: torch.Tensor, trg: torch.Tensor) -> list[str]:
+    """ReLU layers of the ITN and STN whose output is zero for every voxel of every pair.
 
-    Such a layer passes no gradient any more, so training cannot revive it, and the
-    STN predicts one transformation for every pair. It happens with the published
-    synthetic 2D config in some trainings (the second encoder convolution ends below
-    zero for every input).
+    Such a layer passes no gradient any more, so training cannot revive it: a dead ITN
+    layer on its decoder path makes S' the same for every image, a dead STN layer makes
+    the STN predict one transformation for every pair. Both happen with the published
+    networks in some trainings (their narrowest layers have two and eight channels).
+    Names are 'itn.<conv>' (the convolution before the ReLU) or 'stn.<ReLU module>'.
     """
     alive: dict[str, bool] = {}
 
@@ -409,24 +451,43 @@ def dead_relus(stn: torch.nn.Module, src_prime: torch.Tensor, trg_prime: torch.T
         return lambda module, args, out: alive.__setitem__(
             name, alive.get(name, False) or bool((out > 0).any()))
 
-    hooks = [m.register_forward_hook(hook(name)) for name, m in stn.named_modules()
-             if isinstance(m, torch.nn.ReLU)]
+    watched = ([(f"itn.{name}", getattr(model.itn, name)) for name in model.itn.RELU_LAYERS]
+               if model.itn is not None else [])
+    watched += [(f"stn.{name}", m) for name, m in model.stn.named_modules()
+                if isinstance(m, torch.nn.ReLU)]
+    hooks = [m.register_forward_hook(hook(name)) for name, m in watched]
+    was_training = [net.training for net in (model.itn, model.stn) if net is not None]
+    model.train(False)
     try:
-        for i in range(0, len(src_prime), 16):
-            stn(torch.cat([src_prime[i:i + 16], trg_prime[i:i + 16]], dim=1))
+        for i in range(0, len(src), 16):
+            model.params(*model.primes(src[i:i + 16], trg[i:i + 16]))
     finally:
         for h in hooks:
             h.remove()
-    return [name for name, ok in alive.items() if not ok]
+        model.train(all(was_training))
+    return [name for name, _ in watched if not alive.get(name, False)]
+
+
+def reinitialise(model: Model, seed: int) -> None:
+    """Fresh weights for ``model``: those of a model built after ``torch.manual_seed(seed)``.
+
+    The weights are copied into the existing parameters, so optimisers must be rebuilt
+    but wrappers (DistributedDataParallel) keep working; every process draws the same.
+    """
+    torch.manual_seed(seed)
+    fresh = Model.build(model.cfg, model.strategy, model.transformation)
+    with torch.no_grad():
+        for net, new in ((model.itn, fresh.itn), (model.stn, fresh.stn)):
+            if net is not None:
+                for p, q in zip(net.parameters(), new.parameters(), strict=True):
+                    p.copy_(q)
 
 
 def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: Path,
               save_temp: bool) -> dict[str, float]:
     row = {"val_loss": validation_loss(model, val_set, device, model.cfg.batch_size)}
     res = evaluate(model, val_set, device, refine_iters=0, progress=False)
-    primes = ((res["src_prime"], res["trg_prime"]) if res["src_prime"] is not None
-              else (val_set.src, val_set.trg))
-    dead = dead_relus(model.stn, *(t.to(device) for t in primes))
+    dead = dead_layers(model, val_set.src.to(device), val_set.trg.to(device))
     spread = param_spread(res["warped"].params)
     if dead or spread <= 1e-7:
         row["val_stn_collapsed"] = 1.0
@@ -434,7 +495,8 @@ def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: P
                else f"its outputs differ by at most {spread:.1g} between pairs")
         tqdm.write(f"istn: warning: epoch {epoch}: the STN gives all {len(val_set)} validation "
                    f"pairs the same transformation: {why}; trainings in this state did not "
-                   "recover in our runs: retrain with another --seed or a lower learning_rate")
+                   "recover in our runs: retrain with another --seed (or a larger 'restarts')",
+                   file=sys.stderr)
     for k, v in mean_metrics(res["before_refinement"]).items():
         if v is not None:
             row[f"val_{k}"] = v

@@ -17,6 +17,9 @@ class ITN(nn.Module):
     in→2→4 | 8 | 16 | 8 | 4→2→2 → in. Spatial size must be divisible by 4.
     """
 
+    # The convolutions whose output goes through a ReLU (for dead-layer checks).
+    RELU_LAYERS = ("l1a", "l1b", "l2", "l3", "u2", "u1a", "u1b")
+
     def __init__(self, dim: int = 2, channels: int = 1):
         super().__init__()
         self.dim = dim
