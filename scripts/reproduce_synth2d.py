@@ -11,6 +11,9 @@ refinement with seconds per epoch).
 
 ``--folds 5`` instead runs 5-fold cross-validation over all 100 pairs (pairs 1-20,
 21-40, ... held out in turn), so every pair is a validation pair once.
+
+``--exact`` adds ``"network_scaling": "none"`` and ``"restarts": 0`` to the published
+config: the published code's training, without istn's two robustness defaults.
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ def split(data: Path, out: Path, val: slice) -> None:
                 w.writerows(part)
 
 
-def run(data: Path, splits: Path, out: Path, transformation: str, loss: str,
+def run(config: Path, splits: Path, out: Path, transformation: str, loss: str,
         extra: list[str]) -> dict:
     run_out = out / f"{transformation}_{loss}"
     summary = run_out / "test" / "summary.json"
     if not summary.exists():
         s = lambda k: str(splits / k)  # noqa: E731
         cmd = [sys.executable, "-c", "import sys; from istn.cli import main_reg; "
-               "sys.exit(main_reg())", "--config", str(data / "config.json"),
+               "sys.exit(main_reg())", "--config", str(config),
                "--transformation", transformation, "--loss", loss,
                "--train", s("train.csv"), "--train_seg", s("train.seg.csv"),
                "--val", s("val.csv"), "--val_seg", s("val.seg.csv"),
@@ -67,12 +70,14 @@ def run(data: Path, splits: Path, out: Path, transformation: str, loss: str,
     history = json.loads((run_out / "train" / "history.json").read_text())
     secs = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
     result["seconds_per_epoch"] = sum(secs) / len(secs)
+    # the seed of the initialisation that trained (differs from --seed after restarts)
+    result["trained_seed"] = history[-1].get("seed")
     return result
 
 
 def table(results: dict) -> str:
-    head = ("| run | stage | " + " | ".join(METRICS) + " | s/epoch |\n|"
-            + "---|" * (len(METRICS) + 3))
+    head = ("| run | stage | " + " | ".join(METRICS) + " | s/epoch | trained seed |\n|"
+            + "---|" * (len(METRICS) + 4))
     lines = [head]
     names = {"u": "STN-u", "s": "STN-s", "e": "ISTN-e", "i": "ISTN-i"}
     for key, r in results.items():
@@ -81,7 +86,7 @@ def table(results: dict) -> str:
             vals = r[stage]
             cells = " | ".join("n/a" if vals[m] is None else f"{vals[m]:.3f}" for m in METRICS)
             lines.append(f"| {names[loss]} {t} | {stage} | {cells} | "
-                         f"{r['seconds_per_epoch']:.2f} |")
+                         f"{r['seconds_per_epoch']:.2f} | {r.get('trained_seed')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,24 +101,34 @@ def main() -> None:
                         "model trained on the other pairs; means over all pairs")
     p.add_argument("--runs", nargs="*", default=None,
                    help="subset of runs as TRANSFORMATION_LOSS, e.g. affine_i bspline_i")
+    p.add_argument("--exact", action="store_true",
+                   help="train as the published code does: no network scaling, no restarts")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="extra istn-reg flags after --")
     a = p.parse_args()
     data, out = Path(a.data).resolve(), Path(a.out)
     extra = [x for x in a.extra if x != "--"]
     runs = [(t, loss) for t, loss in RUNS if not a.runs or f"{t}_{loss}" in a.runs]
+    config = data / "config.json"
+    if a.exact:
+        published = json.loads(config.read_text())
+        config = out / "config_exact.json"
+        out.mkdir(parents=True, exist_ok=True)
+        config.write_text(json.dumps({**published, "network_scaling": "none", "restarts": 0},
+                                     indent=2) + "\n")
     if a.folds > 1:
-        cross_validate(data, out, runs, a.folds, extra)
+        cross_validate(data, config, out, runs, a.folds, extra)
         return
     split(data, out / "splits", slice(a.n_train, None))
     results = {}
     for t, loss in runs:
-        results[f"{t}_{loss}"] = run(data, out / "splits", out, t, loss, extra)
+        results[f"{t}_{loss}"] = run(config, out / "splits", out, t, loss, extra)
         (out / "results.json").write_text(json.dumps(results, indent=2))
         (out / "results.md").write_text(table(results))
     print(table(results))
 
 
-def cross_validate(data: Path, out: Path, runs: list, folds: int, extra: list[str]) -> None:
+def cross_validate(data: Path, config: Path, out: Path, runs: list, folds: int,
+                   extra: list[str]) -> None:
     """K-fold cross-validation; each fold's means are weighted by its number of pairs."""
     with open(data / "train.csv", newline="") as f:
         n = len(list(csv.reader(f))) - 1
@@ -125,9 +140,10 @@ def cross_validate(data: Path, out: Path, runs: list, folds: int, extra: list[st
         for k in range(folds):
             fold_out = out / f"fold{k}"
             split(data, fold_out / "splits", slice(bounds[k], bounds[k + 1]))
-            fold_results.append(run(data, fold_out / "splits", fold_out, t, loss, extra))
+            fold_results.append(run(config, fold_out / "splits", fold_out, t, loss, extra))
         sizes = [bounds[k + 1] - bounds[k] for k in range(folds)]
-        merged = {"seconds_per_epoch": sum(r["seconds_per_epoch"] for r in fold_results) / folds}
+        merged = {"seconds_per_epoch": sum(r["seconds_per_epoch"] for r in fold_results) / folds,
+                  "trained_seed": "/".join(str(r.get("trained_seed")) for r in fold_results)}
         for stage in ("identity", "before_refinement", "after_refinement"):
             merged[stage] = {m: _weighted([r[stage][m] for r in fold_results], sizes)
                              for m in METRICS}

@@ -13,7 +13,14 @@ from istn.cli import main
 from istn.config import load_config
 from istn.data import load_pairs
 from istn.engine.model import Model, load_model, save_checkpoint, scaling_from
-from istn.engine.train import RESTART_SEED_STEP, dead_layers, reinitialise, train
+from istn.engine.train import (
+    COLLAPSE_EPOCH,
+    RESTART_SEED_STEP,
+    collapse,
+    dead_layers,
+    reinitialise,
+    train,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,8 +139,8 @@ def test_dead_layer_restarts_training_as_the_next_seed(data, tmp_path, capsys):
     assert "restart 1 of 3" in capsys.readouterr().err
     a = torch.load(tmp_path / "a" / "train" / "model" / "checkpoint.pt", weights_only=True)
     records = json.loads(a["extra"]["restarts"])
-    assert records[0] == {"epoch": 1, "dead": records[0]["dead"], "seed": 5 + RESTART_SEED_STEP}
-    assert records[0]["dead"][0] == "itn.u1a"
+    assert records[0]["epoch"] == 1 and records[0]["seed"] == 5 + RESTART_SEED_STEP
+    assert records[0]["reason"].startswith("layer(s) itn.u1a")
     assert a["extra"]["seed"] == 5 and a["epoch"] == 2
     assert len(json.loads(a["extra"]["history"])) == 2  # the restarted run's epochs only
 
@@ -145,6 +152,25 @@ def test_dead_layer_restarts_training_as_the_next_seed(data, tmp_path, capsys):
     for net in ("itn", "stn"):
         for k in a[net]:
             assert torch.equal(a[net][k], b[net][k]), (net, k)
+
+
+def test_collapse_without_dead_layer_is_found_from_epoch_10(data):
+    """An STN whose prediction does not depend on the pair counts from COLLAPSE_EPOCH on."""
+    cfg, ps = _setup(data)
+    torch.manual_seed(0)
+    model = Model.build(cfg, "i", "affine")
+    with torch.no_grad():
+        model.stn.fc[0].weight.zero_()  # constant features: alive ReLUs, one transformation
+        model.stn.fc[0].bias.fill_(1.0)
+        model.stn.translation.bias.fill_(0.3)
+    assert dead_layers(model, ps.src, ps.trg) == []
+    assert collapse(model, ps.src, ps.trg, COLLAPSE_EPOCH - 1) is None
+    why = collapse(model, ps.src, ps.trg, COLLAPSE_EPOCH)
+    assert why is not None and "same transformation" in why
+    torch.manual_seed(0)
+    healthy = Model.build(cfg, "i", "affine")
+    torch.nn.init.normal_(healthy.stn.translation.weight, std=0.5)
+    assert collapse(healthy, ps.src, ps.trg, COLLAPSE_EPOCH) is None
 
 
 def test_no_restart_when_disabled(data, tmp_path, capsys):

@@ -69,8 +69,9 @@ RESUMABLE_KEYS = ("epochs", "val_interval", "learning_rate", "refine", "refine_m
 # Training restart k (config 'restarts') draws its initialisation and batch order from
 # seed + k * RESTART_SEED_STEP: it trains exactly as a run started with that --seed.
 RESTART_SEED_STEP = 1000
-# Training pairs on which dead ReLU layers are looked for after every epoch.
+# Training pairs on which a collapse is looked for after every epoch (see ``collapse``).
 PROBE_PAIRS = 16
+COLLAPSE_EPOCH = 10
 
 
 class TrainingInterrupted(IstnError):
@@ -287,26 +288,23 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                               "seconds": before + time.perf_counter() - t0})
                         raise _interrupted(stop.signum, epoch, b + 1, n_batches, model_dir)
                 _check_finite(model, epoch, n_batches, n_batches, saved)
-                dead = dead_layers(model, probe["src"], probe["trg"]) \
-                    if attempt < cfg.restarts else []
-                if dead:
-                    # A dead ReLU layer passes no gradient: training cannot revive it, and
-                    # the ITN or STN then gives every pair the same output.
+                why = collapse(model, probe["src"], probe["trg"], epoch) \
+                    if attempt < cfg.restarts else None
+                if why:
                     attempt += 1
-                    restarts.append({"epoch": epoch, "dead": dead,
+                    restarts.append({"epoch": epoch, "reason": why,
                                      "seed": seed + attempt * RESTART_SEED_STEP})
                     if d.main:
-                        tqdm.write(f"istn: warning: epoch {epoch}: layer(s) {', '.join(dead)} "
-                                   f"output zero for all {len(probe['src'])} probed training "
-                                   f"pairs (dead ReLUs); restart {attempt} of {cfg.restarts} "
-                                   f"from a fresh initialisation (seed "
+                        tqdm.write(f"istn: warning: epoch {epoch}: {why}; restart {attempt} of "
+                                   f"{cfg.restarts} from a fresh initialisation (seed "
                                    f"{restarts[-1]['seed']})", file=sys.stderr)
                     reinitialise(model, restarts[-1]["seed"])
                     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
                     history, epoch, position = [], 1, None
                     bar.reset()
                     continue
-                row = {"epoch": epoch, "seconds": before + time.perf_counter() - t0}
+                row = {"epoch": epoch, "seed": run_seed,
+                       "seconds": before + time.perf_counter() - t0}
                 row.update({f"train_{k}": float(v) / count for k, v in sums.items()})
                 for k, v in row.items():
                     if k.startswith("train_"):
@@ -466,6 +464,31 @@ def dead_layers(model: Model, src: torch.Tensor, trg: torch.Tensor) -> list[str]
             h.remove()
         model.train(all(was_training))
     return [name for name, _ in watched if not alive.get(name, False)]
+
+
+def collapse(model: Model, src: torch.Tensor, trg: torch.Tensor, epoch: int) -> str | None:
+    """Why training of ``model`` cannot succeed any more, judged on training pairs, or None.
+
+    Two states seen with the published networks: a dead ReLU layer (it passes no
+    gradient, so training cannot revive it), and, from epoch ``COLLAPSE_EPOCH`` on, an
+    STN that still gives every pair the same transformation (relative spread <= 1e-7;
+    such runs learnt late and ended far worse, while runs that trained well had spreads
+    of 1e-3 and more by epoch 10). No labels are used.
+    """
+    dead = dead_layers(model, src, trg)
+    if dead:
+        return (f"layer(s) {', '.join(dead)} output zero for all {len(src)} probed training "
+                "pairs (dead ReLUs)")
+    if epoch >= COLLAPSE_EPOCH and len(src) > 1:
+        was = model.stn.training
+        model.train(False)
+        with torch.no_grad():
+            spread = param_spread(model.params(*model.primes(src, trg)))
+        model.train(was)
+        if spread <= 1e-7:
+            return (f"the STN gives all {len(src)} probed training pairs the same "
+                    f"transformation (relative spread {spread:.1g})")
+    return None
 
 
 def reinitialise(model: Model, seed: int) -> None:
