@@ -313,7 +313,11 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                 bar.set_postfix(loss=f"{row['train_loss']:.4g}")
                 keep = epoch == 1 or epoch % cfg.val_interval == 0 or epoch == cfg.epochs
                 if keep and d.main and val_set is not None and len(val_set):
-                    row.update(_validate(model, val_set, device, writer, epoch, out, save_temp))
+                    # before COLLAPSE_EPOCH a slow start looks like a collapse; a real one
+                    # restarts training on its own while restarts remain
+                    warn = attempt >= cfg.restarts or epoch >= COLLAPSE_EPOCH
+                    row.update(_validate(model, val_set, device, writer, epoch, out, save_temp,
+                                         warn))
                     model.train(True)
                 history.append(row)
                 if keep:
@@ -507,19 +511,21 @@ def reinitialise(model: Model, seed: int) -> None:
 
 
 def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: Path,
-              save_temp: bool) -> dict[str, float]:
+              save_temp: bool, warn: bool = True) -> dict[str, float]:
     row = {"val_loss": validation_loss(model, val_set, device, model.cfg.batch_size)}
     res = evaluate(model, val_set, device, refine_iters=0, progress=False)
     dead = dead_layers(model, val_set.src.to(device), val_set.trg.to(device))
     spread = param_spread(res["warped"].params)
-    if dead or spread <= 1e-7:
+    collapsed = bool(dead) or spread <= 1e-7
+    if collapsed:
         row["val_stn_collapsed"] = 1.0
+    if warn and collapsed:
         why = (f"its layer(s) {', '.join(dead)} output zero for every pair (dead ReLUs)" if dead
                else f"its outputs differ by at most {spread:.1g} between pairs")
         tqdm.write(f"istn: warning: epoch {epoch}: the STN gives all {len(val_set)} validation "
                    f"pairs the same transformation: {why}; trainings in this state did not "
-                   "recover in our runs: retrain with another --seed (or a larger 'restarts')",
-                   file=sys.stderr)
+                   "recover or learnt late in our runs: retrain with another --seed (or allow "
+                   "'restarts')", file=sys.stderr)
     for k, v in mean_metrics(res["before_refinement"]).items():
         if v is not None:
             row[f"val_{k}"] = v
