@@ -18,6 +18,11 @@ continues at the saved position. Batches are shuffled with a generator seeded by
 (seed, epoch), so on the same device a resumed run takes exactly the steps of an
 uninterrupted one and ends with the same weights.
 
+Restarts (config ``restarts``): after every epoch a probe of training pairs is checked
+for a collapse (see :func:`collapse`); training then starts again from epoch 1 with the
+weights and batch order of seed + 1000·k, exactly as a run with that ``--seed``. The
+attempt is saved in checkpoints, so ``--resume`` continues the right one.
+
 Several processes (``torchrun``, see :mod:`.distributed`): ``batch_size`` is the
 *global* batch. Every process draws the same shuffled order, splits each batch into
 ``world`` nearly equal parts and takes its own; DistributedDataParallel averages the
@@ -300,6 +305,9 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                                    f"{restarts[-1]['seed']})", file=sys.stderr)
                     reinitialise(model, restarts[-1]["seed"])
                     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+                    if d.main:  # the failed attempt's kept checkpoints
+                        for old in model_dir.glob("checkpoint_epoch*.pt"):
+                            old.unlink(missing_ok=True)
                     history, epoch, position = [], 1, None
                     bar.reset()
                     continue
@@ -447,6 +455,13 @@ def dead_layers(model: Model, src: torch.Tensor, trg: torch.Tensor) -> list[str]
     networks in some trainings (their narrowest layers have two and eight channels).
     Names are 'itn.<conv>' (the convolution before the ReLU) or 'stn.<ReLU module>'.
     """
+    return _probe(model, src, trg)[0]
+
+
+@torch.no_grad()
+def _probe(model: Model, src: torch.Tensor, trg: torch.Tensor
+           ) -> tuple[list[str], torch.Tensor]:
+    """(dead ReLU layers, predicted parameters) of the pairs, in one forward pass."""
     alive: dict[str, bool] = {}
 
     def hook(name):
@@ -458,16 +473,17 @@ def dead_layers(model: Model, src: torch.Tensor, trg: torch.Tensor) -> list[str]
     watched += [(f"stn.{name}", m) for name, m in model.stn.named_modules()
                 if isinstance(m, torch.nn.ReLU)]
     hooks = [m.register_forward_hook(hook(name)) for name, m in watched]
-    was_training = [net.training for net in (model.itn, model.stn) if net is not None]
+    was_training = model.stn.training
     model.train(False)
+    params = []
     try:
         for i in range(0, len(src), 16):
-            model.params(*model.primes(src[i:i + 16], trg[i:i + 16]))
+            params.append(model.params(*model.primes(src[i:i + 16], trg[i:i + 16])))
     finally:
         for h in hooks:
             h.remove()
-        model.train(all(was_training))
-    return [name for name, _ in watched if not alive.get(name, False)]
+        model.train(was_training)
+    return [name for name, _ in watched if not alive.get(name, False)], torch.cat(params)
 
 
 def collapse(model: Model, src: torch.Tensor, trg: torch.Tensor, epoch: int) -> str | None:
@@ -479,16 +495,12 @@ def collapse(model: Model, src: torch.Tensor, trg: torch.Tensor, epoch: int) -> 
     such runs learnt late and ended far worse, while runs that trained well had spreads
     of 1e-3 and more by epoch 10). No labels are used.
     """
-    dead = dead_layers(model, src, trg)
+    dead, params = _probe(model, src, trg)
     if dead:
         return (f"layer(s) {', '.join(dead)} output zero for all {len(src)} probed training "
                 "pairs (dead ReLUs)")
     if epoch >= COLLAPSE_EPOCH and len(src) > 1:
-        was = model.stn.training
-        model.train(False)
-        with torch.no_grad():
-            spread = param_spread(model.params(*model.primes(src, trg)))
-        model.train(was)
+        spread = param_spread(params)
         if spread <= 1e-7:
             return (f"the STN gives all {len(src)} probed training pairs the same "
                     f"transformation (relative spread {spread:.1g})")
