@@ -184,3 +184,32 @@ def test_no_restart_when_disabled(data, tmp_path, capsys):
     saved = torch.load(tmp_path / "train" / "model" / "checkpoint.pt", weights_only=True)
     assert json.loads(saved["extra"]["restarts"]) == []
     assert dead_layers(dead, ps.src, ps.trg)[0] == "itn.u1a"  # published: stays dead
+
+
+def test_resume_continues_the_restarted_attempt(data, tmp_path):
+    """A run resumed after a restart ends with the weights of an uninterrupted one."""
+    def dead_model(cfg):
+        torch.manual_seed(5)
+        m = Model.build(cfg, "i", "affine")
+        with torch.no_grad():
+            m.itn.u1a.bias.fill_(-1e9)
+        return m
+
+    cfg3, ps = _setup(data, epochs=3)
+    train(dead_model(cfg3), ps, None, tmp_path / "whole", torch.device("cpu"), seed=5,
+          progress=False)
+    cfg2, _ = _setup(data, epochs=2)
+    train(dead_model(cfg2), ps, None, tmp_path / "part", torch.device("cpu"), seed=5,
+          progress=False)
+    torch.manual_seed(99)  # resuming must not depend on the fresh model's weights
+    again = Model.build(cfg3, "i", "affine")
+    train(again, ps, None, tmp_path / "part", torch.device("cpu"), seed=5, resume=True,
+          progress=False)
+    a, b = (torch.load(tmp_path / d / "train" / "model" / "checkpoint.pt", weights_only=True)
+            for d in ("whole", "part"))
+    assert a["extra"]["attempt"] == b["extra"]["attempt"] == 1
+    assert json.loads(b["extra"]["history"])[-1]["seed"] == 5 + RESTART_SEED_STEP
+    for net in ("itn", "stn"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    assert again.scaling == scaling_from(ps.src, ps.trg, ps.src_seg, ps.trg_seg)
