@@ -281,14 +281,15 @@ def check_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], what: 
 
 
 def load_weights(model: Model, state: dict[str, Any], source: str) -> None:
-    """Check shapes, then load the STN (and ITN) weights of ``state`` into ``model``."""
+    """Check shapes and scaling, then load the weights and scaling of ``state`` into ``model``."""
     check_weights(model.stn, state["stn"], "STN", source)
     if model.itn is not None:
         check_weights(model.itn, state["itn"], "ITN", source)
+    scaling = _read_scaling(state["meta"].get("scaling"), source)
     model.stn.load_state_dict(state["stn"])
     if model.itn is not None:
         model.itn.load_state_dict(state["itn"])
-    model.scaling = _read_scaling(state["meta"].get("scaling"), source)
+    model.scaling = scaling
 
 
 def _read_scaling(value: Any, source: str) -> dict[str, list[float]] | None:

@@ -374,7 +374,7 @@ def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int
     if diffs:
         raise IstnError(f"--resume: checkpoint '{path}' was trained with {'; '.join(diffs)}; "
                         "resume with the same data, seed and options (only epochs, "
-                        "val_interval, learning_rate and refine settings may change) "
+                        "val_interval, learning_rate, restarts and refine settings may change) "
                         "or start a new --out")
     try:
         load_weights(model, state, str(path))
