@@ -1,6 +1,7 @@
 """Shared test setup."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +17,15 @@ def _isolated_istn_cache(_istn_cache_root, monkeypatch):
     """
     monkeypatch.setenv("ISTN_CACHE_DIR", str(_istn_cache_root))
     monkeypatch.delenv("ISTN_NO_CACHE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Bitwise-equal weights need the same thread count in-process and in subprocesses.
+
+    Modules that compare weights use it with ``pytestmark = pytest.mark.usefixtures(...)``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

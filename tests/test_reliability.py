@@ -39,13 +39,7 @@ EPOCHS = 6  # training runs below: 8 pairs, batch 4 -> 2 batches per epoch
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bitwise-equal weights need the same thread count in-process and in subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from istn.engine.train import (
     train,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bitwise-equal weights between two trainings need a fixed thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
