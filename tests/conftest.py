@@ -1,5 +1,7 @@
 """Shared test setup."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +31,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_synth2d(tmp_path_factory) -> Path:
+    """8 training and 2 test pairs of istn's synthetic 2D data at 48x48 (seed 1)."""
+    from istn.cli import main
+
+    d = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "2d", "--out", str(d), "--pairs", "8", "--val", "0", "--test", "2",
+                 "--size", "48", "48", "--seed", "1"]) == 0
+    return d

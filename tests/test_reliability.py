@@ -43,11 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "2d", "--out", str(d), "--pairs", "8", "--val", "0", "--test", "2",
-                 "--size", "48", "48", "--seed", "1"]) == 0
-    return d
+def data(small_synth2d: Path) -> Path:
+    return small_synth2d
 
 
 def train_args(data: Path, out: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from istn.cli import main
 from istn.config import load_config
 from istn.data import load_pairs
 from istn.engine.model import Model, load_model, save_checkpoint, scaling_from
@@ -26,11 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "2d", "--out", str(d), "--pairs", "8", "--val", "0", "--test", "2",
-                 "--size", "48", "48", "--seed", "2"]) == 0
-    return d
+def data(small_synth2d: Path) -> Path:
+    return small_synth2d
 
 
 def _setup(data: Path, **overrides):
