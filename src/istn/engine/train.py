@@ -77,6 +77,9 @@ RESTART_SEED_STEP = 1000
 # Training pairs on which a collapse is looked for after every epoch (see ``collapse``).
 PROBE_PAIRS = 16
 COLLAPSE_EPOCH = 10
+# Relative spread of the pairs' parameters (``param_spread``) at or below which the STN
+# counts as giving every pair the same transformation.
+SAME_TRANSFORMATION = 1e-7
 
 
 class TrainingInterrupted(IstnError):
@@ -501,7 +504,7 @@ def collapse(model: Model, src: torch.Tensor, trg: torch.Tensor, epoch: int) -> 
                 "pairs (dead ReLUs)")
     if epoch >= COLLAPSE_EPOCH and len(src) > 1:
         spread = param_spread(params)
-        if spread <= 1e-7:
+        if spread <= SAME_TRANSFORMATION:
             return (f"the STN gives all {len(src)} probed training pairs the same "
                     f"transformation (relative spread {spread:.1g})")
     return None
@@ -528,11 +531,11 @@ def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: P
     res = evaluate(model, val_set, device, refine_iters=0, progress=False)
     dead = dead_layers(model, val_set.src.to(device), val_set.trg.to(device))
     spread = param_spread(res["warped"].params)
-    collapsed = bool(dead) or spread <= 1e-7
+    collapsed = bool(dead) or spread <= SAME_TRANSFORMATION
     if collapsed:
         row["val_stn_collapsed"] = 1.0
     if warn and collapsed:
-        why = (f"its layer(s) {', '.join(dead)} output zero for every pair (dead ReLUs)" if dead
+        why = (f"layer(s) {', '.join(dead)} output zero for every pair (dead ReLUs)" if dead
                else f"its outputs differ by at most {spread:.1g} between pairs")
         tqdm.write(f"istn: warning: epoch {epoch}: the STN gives all {len(val_set)} validation "
                    f"pairs the same transformation: {why}; trainings in this state did not "
