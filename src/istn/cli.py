@@ -137,7 +137,8 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device):
     no output folder behind (and --overwrite deletes nothing).
     """
     from .data import load_pairs, read_pair_csv
-    from .engine.model import CHECKPOINT, Model
+    from .engine.checkpoint import CHECKPOINT
+    from .engine.model import Model
     from .engine.train import train
     from .losses import needs_seg
 
@@ -187,7 +188,7 @@ def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
     """
     from .data import load_pairs
     from .engine import distributed
-    from .engine.model import load_model
+    from .engine.checkpoint import load_model
     from .engine.test import format_table, run_test
 
     out = Path(args.out)
@@ -348,7 +349,7 @@ def cmd_reg(args: argparse.Namespace) -> None:
             test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
                                   args.test_points, args.test_transforms, part=_part())
         else:
-            from .engine.model import load_model
+            from .engine.checkpoint import load_model
 
             load_model(model, cfg, args.loss, args.transformation)
     if args.train:
@@ -367,7 +368,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     cfg = build_config(args) if args.config else None
     if cfg is None and any(getattr(args, k) is not None for k in CONFIG_KEYS):
-        from .engine.model import read_checkpoint
+        from .engine.checkpoint import read_checkpoint
 
         saved = read_checkpoint(args.model)["meta"]["config"]
         cfg = load_config(None, {**saved, **{k: getattr(args, k) for k in CONFIG_KEYS}})

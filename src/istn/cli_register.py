@@ -85,7 +85,7 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
 def cmd_register(args: argparse.Namespace) -> None:
     from .cli import setup_device
     from .engine import distributed
-    from .engine.model import load_model
+    from .engine.checkpoint import load_model
     from .engine.register import register_pairs
     from .io import write_text
 

@@ -17,11 +17,11 @@ from ..data import PairSet
 from ..io import array_to_image, write_image, write_text
 from ..metrics import mean_metrics
 from . import distributed
-from .evaluate import evaluate
+from .evaluate import STAGES, Evaluation, evaluate
 from .model import Model
+from .refine import RefineSettings
 
 METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
-STAGES = ("identity", "before_refinement", "after_refinement")
 
 
 def _clean(v):
@@ -52,15 +52,17 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # a process may get no pairs (more processes than pairs): it only takes part in merging
-    res = evaluate(model, ps, device, refine_iters, progress=progress and d.main) if len(ps) \
+    refinement = RefineSettings.from_config(model.cfg, refine_iters)
+    res = evaluate(model, ps, device, refinement, progress=progress and d.main) if len(ps) \
         else None
     seconds = distributed.gather([time.perf_counter() - t0], d)  # the slowest process
     mine = []
     if res is not None:
         if write_images:
             _write_images(model, ps, res, folder)
-        mine = [(name, {stage: res[stage][i] if res[stage] is not None else None
-                        for stage in STAGES}) for i, name in enumerate(ps.names)]
+        stages = res.stages()
+        mine = [(name, {stage: rows[i] if rows is not None else None
+                        for stage, rows in stages.items()}) for i, name in enumerate(ps.names)]
     merged = distributed.gather(mine, d)
     if merged is None:
         return None
@@ -81,15 +83,15 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     return summary
 
 
-def _write_images(model: Model, ps: PairSet, res: dict, folder: Path) -> None:
+def _write_images(model: Model, ps: PairSet, res: Evaluation, folder: Path) -> None:
     """NIfTI outputs on the target's (network-grid) geometry, named by pair."""
     for i, name in enumerate(ps.names):
         ref = ps.references[i]
         items = {}
-        if res["src_prime"] is not None:
-            items["src_prime"] = res["src_prime"][i, 0]
-            items["trg_prime"] = res["trg_prime"][i, 0]
-        for tag, warped in (("", res["warped"]), ("_refined", res["warped_refined"])):
+        if res.src_prime is not None:
+            items["src_prime"] = res.src_prime[i, 0]
+            items["trg_prime"] = res.trg_prime[i, 0]
+        for tag, warped in (("", res.warped), ("_refined", res.warped_refined)):
             if warped is None:
                 continue
             items[f"warped_src{tag}"] = warped.src[i, 0]
