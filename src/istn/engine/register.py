@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
-from .. import report
+from .. import layout, report
 from ..data import Geometry, load_pair_lists, read_points
 from ..errors import IstnError
 from ..export import (
@@ -34,9 +34,7 @@ from ..metrics import overlap_metrics
 from .evaluate import predict, refine
 from .model import Model
 
-FILES = {"warped": "warped_source.nii.gz", "warped_seg": "warped_source_seg.nii.gz",
-         "affine": "transform.tfm", "field": "displacement.nii.gz",
-         "metrics": "metrics.json", "report": "report.png"}
+FILES = layout.REGISTER_FILES  # the output file names of one pair
 
 
 def read_labels(path: Path, what: str, threshold: float | None = None) -> sitk.Image:

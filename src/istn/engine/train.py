@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import report
+from .. import layout, report
 from ..config import Config
 from ..data import PairSet
 from ..errors import IstnError
@@ -58,7 +58,6 @@ from ..metrics import mean_metrics
 from . import distributed
 from .evaluate import evaluate
 from .model import (
-    CHECKPOINT,
     Model,
     describe_mismatch,
     load_weights,
@@ -215,7 +214,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                         "give --train_seg")
     n, bs = len(train_set), cfg.batch_size
     n_batches = math.ceil(n / bs)
-    model_dir = out / "train" / "model"
+    model_dir = layout.model_dir(out)
     model.to(device)
     step: torch.nn.Module = _Step(model)
     if d.active:  # broadcasts rank 0's weights, then averages gradients in backward()
@@ -224,11 +223,11 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     start, history, position, attempt, restarts = 1, [], None, 0, []
     saved = "none"  # the last checkpoint written or loaded, for error messages
-    if resume and (model_dir / CHECKPOINT).is_file():
+    if resume and layout.checkpoint(model_dir).is_file():
         start, history, position, attempt, restarts = _resume(model, opt, model_dir, seed, n,
                                                               n_batches)
-        saved = (f"'{model_dir / CHECKPOINT}' (epoch {start}, batch {position[0]})" if position
-                 else f"'{model_dir / CHECKPOINT}' (epoch {start - 1})")
+        saved = (f"'{layout.checkpoint(model_dir)}' (epoch {start}, batch {position[0]})"
+                 if position else f"'{layout.checkpoint(model_dir)}' (epoch {start - 1})")
     else:
         model.scaling = (scaling_from(train_set.src, train_set.trg, train_set.src_seg,
                                       train_set.trg_seg)
@@ -247,10 +246,10 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         if batch:
             extra.update(batch=batch, partial=partial)
         save_checkpoint(model, path, opt, done, extra)
-        saved = (f"'{model_dir / CHECKPOINT}' (epoch {done + 1}, batch {batch})" if batch
-                 else f"'{model_dir / CHECKPOINT}' (epoch {done})")
+        saved = (f"'{layout.checkpoint(model_dir)}' (epoch {done + 1}, batch {batch})" if batch
+                 else f"'{layout.checkpoint(model_dir)}' (epoch {done})")
 
-    writer = report.tensorboard_writer(out / "tensorboard") if d.main else _NullWriter()
+    writer = report.tensorboard_writer(layout.tensorboard_dir(out)) if d.main else _NullWriter()
     bar = tqdm(desc="train", disable=not (progress and d.main), initial=start - 1,
                total=cfg.epochs)
     try:
@@ -291,7 +290,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                         stop.signum = signal.SIGTERM
                     if stopping and b + 1 < n_batches:
                         _check_finite(model, epoch, b + 1, n_batches, saved)
-                        save(model_dir / CHECKPOINT, epoch - 1, b + 1,
+                        save(layout.checkpoint(model_dir), epoch - 1, b + 1,
                              {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count,
                               "seconds": before + time.perf_counter() - t0})
                         raise _interrupted(stop.signum, epoch, b + 1, n_batches, model_dir)
@@ -309,7 +308,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                     reinitialise(model, restarts[-1]["seed"])
                     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
                     if d.main:  # the failed attempt's kept checkpoints
-                        for old in model_dir.glob("checkpoint_epoch*.pt"):
+                        for old in model_dir.glob(layout.EPOCH_CHECKPOINTS):
                             old.unlink(missing_ok=True)
                     history, epoch, position = [], 1, None
                     bar.reset()
@@ -332,11 +331,10 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
                     model.train(True)
                 history.append(row)
                 if keep:
-                    save(model_dir / f"checkpoint_epoch{epoch:04d}.pt", epoch)
-                save(model_dir / CHECKPOINT, epoch)
+                    save(layout.epoch_checkpoint(model_dir, epoch), epoch)
+                save(layout.checkpoint(model_dir), epoch)
                 if d.main:
-                    write_text(json.dumps(history, indent=1) + "\n",
-                               out / "train" / "history.json")
+                    write_text(json.dumps(history, indent=1) + "\n", layout.history(out))
                 # several processes stop together, at a batch exchange (above)
                 asked = stopping if d.active else stop.signum is not None
                 if asked and epoch < cfg.epochs:
@@ -348,8 +346,8 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         writer.close()
         torch.set_flush_denormal(False)  # leave the process as found (the default is off)
     if d.main:
-        write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
-        report.loss_curve(history, out / "train" / "loss_curve.png")
+        write_text(json.dumps(history, indent=1) + "\n", layout.history(out))
+        report.loss_curve(history, layout.loss_curve(out))
     distributed.barrier(d)  # the model is written before any process goes on to test it
     if stop.signum is not None:  # the request came during the last epoch: training is done
         raise TrainingInterrupted(
@@ -364,7 +362,7 @@ def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int
 
     Returns (first epoch, history, position, restart attempt, restart records).
     """
-    path = model_dir / CHECKPOINT
+    path = layout.checkpoint(model_dir)
     state = read_checkpoint(path)
     extra = state["extra"]
     fixed = tuple(k for k in Config.__dataclass_fields__ if k not in RESUMABLE_KEYS)
@@ -402,7 +400,7 @@ def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int
         raise IstnError(f"--resume: checkpoint '{path}' cannot be resumed from "
                         f"({type(e).__name__}: {_first_line(e)}); "
                         "start a new --out or use --overwrite") from None
-    for stale in model_dir.glob(".checkpoint*.pt"):  # temporary files of a killed run
+    for stale in model_dir.glob(layout.TEMP_CHECKPOINTS):  # temporary files of a killed run
         stale.unlink(missing_ok=True)
     return int(state["epoch"]) + 1, history, position, attempt, restarts
 
@@ -432,7 +430,7 @@ def _interrupted(signum: int, epoch: int, batch: int, n_batches: int,
              else f"the end of epoch {epoch - 1}")
     return TrainingInterrupted(
         f"training stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in "
-        f"'{model_dir / CHECKPOINT}'", 128 + signum,
+        f"'{layout.checkpoint(model_dir)}'", 128 + signum,
         "; to continue, run the same command with --resume (without --overwrite)")
 
 
@@ -549,5 +547,5 @@ def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: P
     panel = report.panel_tensor(val_set, res, 0)
     writer.add_image("val/pair0", panel, epoch, dataformats="HW")
     if save_temp:
-        report.pair_grid(val_set, res, out / "train" / "temp" / f"val_epoch{epoch:04d}.png")
+        report.pair_grid(val_set, res, layout.val_picture(out, epoch))
     return row
