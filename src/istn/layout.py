@@ -22,7 +22,7 @@ of ``istn train``, ``istn test``, ``istn-reg``, ``istn demo``) holds::
         PAIR_KEY.nii.gz                 test_image(test_dir, pair, key)
     OUT/data/                           demo_data_dir(out): the demo's synthetic data
 
-``istn register --out OUT`` writes one pair's files (REGISTER_FILES) into OUT, or
+``istn register --out OUT`` writes one pair's files (register_file) into OUT, or
 with ``--pairs`` one folder per pair (register_pair_names) and ``OUT/metrics.csv``
 (register_metrics). A synthetic data set (``istn synth``) lists its pairs in
 ``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside ``ROOT/config.json`` (dataset_config).
@@ -114,6 +114,11 @@ def test_image(test_dir: Path, pair: str, key: str) -> Path:
 REGISTER_FILES = {"warped": "warped_source.nii.gz", "warped_seg": "warped_source_seg.nii.gz",
                   "affine": "transform.tfm", "field": "displacement.nii.gz",
                   "metrics": "metrics.json", "report": "report.png"}
+
+
+def register_file(folder: Path, key: str) -> Path:
+    """The file ``REGISTER_FILES[key]`` of the pair registered into ``folder``."""
+    return Path(folder) / REGISTER_FILES[key]
 
 
 def register_pair_names(sources: Sequence[str | Path]) -> list[str]:
