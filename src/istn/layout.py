@@ -1,14 +1,16 @@
 """Every folder and file istn writes, named in one place.
 
-Convention: each function takes the folder its name lives in and returns a Path
-inside it; nothing is created or checked here. An output folder ``OUT`` (``--out``
-of ``istn train``, ``istn test``, ``istn-reg``, ``istn demo``) holds::
+Convention: a function takes the output folder ``out`` or, for a folder that stands
+on its own (a model folder given to ``--model``, a test folder, a registered pair's
+folder, a data set), that folder; it returns a Path and creates or checks nothing.
+An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg``,
+``istn demo``) holds::
 
     OUT/train/                          train_dir(out)
     OUT/train/model/                    model_dir(out): what ``--model`` reads
         checkpoint.pt                   checkpoint(model_dir): the latest (CHECKPOINT)
         checkpoint_epochNNNN.pt         epoch_checkpoint(model_dir, epoch): the kept ones
-        model.json                      model_info(model_dir): config, strategy, scaling
+        model.json                      model_info(model_dir): the model's metadata
     OUT/train/history.json              history(out)
     OUT/train/loss_curve.png            loss_curve(out)
     OUT/train/temp/val_epochNNNN.png    val_picture(out, epoch) (``--save_temp``)

@@ -81,7 +81,8 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
         pts if any(a or b for a, b in pts) else None
 
 
-def _inputs(args: argparse.Namespace, out: Path):
+def _inputs(args: argparse.Namespace, out: Path) -> tuple[list, list | None, list | None,
+                                                         list[Path], list[str]]:
     """(pairs, segmentations, points, output folders, names) from --pairs or --source/--target.
 
     With --pairs every pair gets its own folder in ``out``; one pair writes into ``out``.
