@@ -639,12 +639,12 @@ def test_debug_shows_the_traceback(data, tmp_path, capsys):
 
 
 def test_interrupt_without_resume_option_gives_no_resume_hint(tmp_path, capsys, monkeypatch):
-    import istn.cli as cli
+    import istn.cli.tools as tools
 
     def stopped(args):
         raise train_mod.TrainingInterrupted("training stopped by SIGTERM", 143, "; use --resume")
 
-    monkeypatch.setattr(cli, "cmd_synth", stopped)  # a command without --resume (like demo)
+    monkeypatch.setattr(tools, "cmd_synth", stopped)  # a command without --resume (like demo)
     assert main(["synth", "2d", "--out", str(tmp_path / "o")]) == 143
     assert capsys.readouterr().err == "istn: training stopped by SIGTERM\n"
 

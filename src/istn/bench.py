@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        from .cli import keep_freed_memory
+        from .cli.common import keep_freed_memory
 
         keep_freed_memory()  # as the istn commands do
         spec = json.loads(Path(args.worker[0]).read_text())

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import layout
 from ..config import Config, from_dict
 from ..errors import IstnError
 from ..io import atomic_path, write_text
@@ -23,7 +24,7 @@ from ..losses import STRATEGIES, uses_itn
 from ..spatial import TRANSFORMATIONS, transformation_class
 from .model import NETWORK_KEYS, Model, Scaling
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = layout.CHECKPOINT
 
 
 def save_checkpoint(model: Model, path: Path, optimizer: torch.optim.Optimizer | None = None,
@@ -207,7 +208,8 @@ def _read_scaling(value: Any, source: str) -> Scaling | None:
 
 
 def load_model(path: str | Path, cfg: Config | None = None, strategy: str | None = None,
-               transformation: str | None = None) -> tuple[Model, dict[str, Any]]:
+               transformation: str | None = None, amp: bool = False
+               ) -> tuple[Model, dict[str, Any]]:
     """Rebuild a Model from a checkpoint, checking it matches what the caller expects.
 
     Strategy, transformation, dimension, size, spacing, normalisers and the STN's
@@ -222,11 +224,11 @@ def load_model(path: str | Path, cfg: Config | None = None, strategy: str | None
         raise IstnError(f"model '{path}' does not match: it was trained with "
                         f"{'; '.join(diffs)}; use the model's own config and options")
     use_cfg = cfg if cfg is not None else saved_cfg
-    model = Model(use_cfg, meta["strategy"], meta["transformation"])
+    model = Model(use_cfg, meta["strategy"], meta["transformation"], amp=amp)
     load_weights(model, state, str(path))
     return model, state
 
 
 def write_model_info(model: Model, folder: Path) -> None:
     """Human-readable config and metadata beside the checkpoints."""
-    write_text(json.dumps(model.meta(), indent=2) + "\n", folder / "model.json")
+    write_text(json.dumps(model.meta(), indent=2) + "\n", layout.model_info(folder))

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
-from .. import report
+from .. import layout, report
 from ..data import Geometry, load_pair_lists, read_points
 from ..errors import IstnError
 from ..export import export_transform, jacobian_stats, physical_point_map, warp_to_reference
@@ -29,9 +29,7 @@ from .evaluate import predict
 from .model import Model
 from .refine import RefineSettings, refine
 
-FILES = {"warped": "warped_source.nii.gz", "warped_seg": "warped_source_seg.nii.gz",
-         "affine": "transform.tfm", "field": "displacement.nii.gz",
-         "metrics": "metrics.json", "report": "report.png"}
+FILES = layout.REGISTER_FILES  # the output file names of one pair
 
 
 def read_labels(path: Path, what: str, threshold: float | None = None) -> sitk.Image:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import report
+from .. import layout, report
 from ..data import PairSet
 from ..io import array_to_image, write_image, write_text
 from ..metrics import mean_metrics
@@ -48,7 +48,7 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     results and returns the summary (the other processes return None).
     """
     d = distributed.current()
-    folder = out / "test"
+    folder = layout.test_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # a process may get no pairs (more processes than pairs): it only takes part in merging
@@ -77,9 +77,9 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     summary["processes"] = d.world
     summary["seconds"] = max(seconds)
     _write_results(names, rows, folder)
-    write_text(json.dumps(summary, indent=2) + "\n", folder / "summary.json")
+    write_text(json.dumps(summary, indent=2) + "\n", layout.test_summary(folder))
     if res is not None:
-        report.pair_grid(ps, res, folder / "pairs.png")
+        report.pair_grid(ps, res, layout.test_pairs(folder))
     return summary
 
 
@@ -100,7 +100,7 @@ def _write_images(model: Model, ps: PairSet, res: Evaluation, folder: Path) -> N
             if warped.src_prime is not None:
                 items[f"warped_src_prime{tag}"] = warped.src_prime[i, 0]
         for key, arr in items.items():
-            write_image(array_to_image(arr.numpy(), ref), folder / f"{name}_{key}.nii.gz")
+            write_image(array_to_image(arr.numpy(), ref), layout.test_image(folder, name, key))
 
 
 def _write_results(names: list[str], res: dict, folder: Path) -> None:
@@ -108,15 +108,14 @@ def _write_results(names: list[str], res: dict, folder: Path) -> None:
 
     ``res`` maps each stage to its per-pair metric rows (in the order of ``names``).
     """
-    for stage, fname in (("before_refinement", "test_results.yml"),
-                         ("after_refinement", "test_results_refined.yml")):
+    for stage, refined in (("before_refinement", False), ("after_refinement", True)):
         rows = res[stage]
         if rows is None:
             continue
         doc = {"mean": summarise(rows),
                "pairs": {name: {k: _clean(v) for k, v in row.items()}
                          for name, row in zip(names, rows, strict=True)}}
-        write_text(yaml.safe_dump(doc, sort_keys=False), folder / fname)
+        write_text(yaml.safe_dump(doc, sort_keys=False), layout.test_results(folder, refined))
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["pair", "stage", *METRICS])
@@ -124,7 +123,7 @@ def _write_results(names: list[str], res: dict, folder: Path) -> None:
         for name, row in zip(names, res[stage] or [], strict=False):
             w.writerow([name, stage, *["" if _clean(row.get(k)) is None else row[k]
                                        for k in METRICS]])
-    write_text(buf.getvalue(), folder / "metrics.csv")
+    write_text(buf.getvalue(), layout.test_metrics(folder))
 
 
 def format_table(summary: dict) -> str:

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import report
+from .. import layout, report
 from ..config import Config
 from ..data import PairSet
 from ..errors import IstnError
@@ -62,7 +62,6 @@ from ..losses import needs_seg
 from ..metrics import mean_metrics
 from . import distributed, health
 from .checkpoint import (
-    CHECKPOINT,
     describe_mismatch,
     load_weights,
     read_checkpoint,
@@ -170,7 +169,7 @@ class _Run:
 
     @property
     def model_dir(self) -> Path:
-        return self.out / "train" / "model"
+        return layout.model_dir(self.out)
 
     @property
     def n_batches(self) -> int:
@@ -279,7 +278,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
         torch.set_flush_denormal(False)  # leave the process as found (the default is off)
     if run.d.main:
         _write_history(run, state)
-        report.loss_curve(state.history, out / "train" / "loss_curve.png")
+        report.loss_curve(state.history, layout.loss_curve(out))
     distributed.barrier(run.d)  # the model is written before any process goes on to test it
     if run.stop.signum is not None:  # the request came during the last epoch: training is done
         raise TrainingInterrupted(
@@ -304,7 +303,7 @@ def _setup(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     opt = torch.optim.Adam(model.parameters(), lr=model.cfg.learning_rate)
     probe = _batch(train_set, torch.arange(min(len(train_set), PROBE_PAIRS)), device)
     run = _Run(model, step, opt, train_set, val_set, out, device, seed, save_temp, d, probe)
-    if resume and (run.model_dir / CHECKPOINT).is_file():
+    if resume and layout.checkpoint(run.model_dir).is_file():
         state = _resume(run)
     else:
         state = TrainState()
@@ -320,7 +319,7 @@ def _setup(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
 def _loop(run: _Run, state: TrainState, progress: bool) -> None:
     """Epochs until the last one, with the stop request installed and the logs open."""
     cfg = run.model.cfg
-    run.writer = (report.tensorboard_writer(run.out / "tensorboard") if run.d.main
+    run.writer = (report.tensorboard_writer(layout.tensorboard_dir(run.out)) if run.d.main
                   else _NullWriter())
     run.bar = tqdm(desc="train", disable=not (progress and run.d.main),
                    initial=state.epoch - 1, total=cfg.epochs)
@@ -370,7 +369,7 @@ def run_epoch(run: _Run, state: TrainState) -> EpochResult:
         if stopping and b + 1 < n_batches:
             _check_finite(model, state.epoch, b + 1, n_batches, state.saved)
             seconds = pos.seconds + time.perf_counter() - t0
-            _save(run, state, run.model_dir / CHECKPOINT, state.epoch - 1,
+            _save(run, state, layout.checkpoint(run.model_dir), state.epoch - 1,
                   Position(b + 1, {k: v.cpu() for k, v in sums.items()}, count, seconds))
             raise _interrupted(run.stop.signum, state.epoch, b + 1, n_batches, run.model_dir)
     return EpochResult(sums, count, pos.seconds + time.perf_counter() - t0, stopping)
@@ -403,8 +402,8 @@ def after_epoch(run: _Run, state: TrainState, res: EpochResult) -> None:
     state.history.append(row)
     state.position = None
     if keep:
-        _save(run, state, run.model_dir / f"checkpoint_epoch{epoch:04d}.pt", epoch)
-    _save(run, state, run.model_dir / CHECKPOINT, epoch)
+        _save(run, state, layout.epoch_checkpoint(run.model_dir, epoch), epoch)
+    _save(run, state, layout.checkpoint(run.model_dir), epoch)
     if run.d.main:
         _write_history(run, state)
     # several processes stop together, at a batch exchange (run_epoch)
@@ -428,7 +427,7 @@ def _restart(run: _Run, state: TrainState, why: str) -> None:
     reinitialise(run.model, state.restarts[-1]["seed"])
     run.opt = torch.optim.Adam(run.model.parameters(), lr=cfg.learning_rate)
     if run.d.main:  # the failed attempt's kept checkpoints
-        for old in run.model_dir.glob("checkpoint_epoch*.pt"):
+        for old in run.model_dir.glob(layout.EPOCH_CHECKPOINTS):
             old.unlink(missing_ok=True)
     state.history, state.epoch, state.position = [], 1, None
     run.bar.reset()
@@ -447,18 +446,18 @@ def _save(run: _Run, state: TrainState, path: Path, done: int,
                                                     "count": position.count,
                                                     "seconds": position.seconds})
     save_checkpoint(run.model, path, run.opt, done, extra)
-    ckpt = run.model_dir / CHECKPOINT
+    ckpt = layout.checkpoint(run.model_dir)
     state.saved = (f"'{ckpt}' (epoch {done + 1}, batch {position.batch})" if position
                    else f"'{ckpt}' (epoch {done})")
 
 
 def _write_history(run: _Run, state: TrainState) -> None:
-    write_text(json.dumps(state.history, indent=1) + "\n", run.out / "train" / "history.json")
+    write_text(json.dumps(state.history, indent=1) + "\n", layout.history(run.out))
 
 
 def _resume(run: _Run) -> TrainState:
     """The state saved in ``checkpoint.pt``, after checking it fits this training."""
-    path = run.model_dir / CHECKPOINT
+    path = layout.checkpoint(run.model_dir)
     model = run.model
     state = read_checkpoint(path)
     extra = state["extra"]
@@ -482,14 +481,14 @@ def _resume(run: _Run) -> TrainState:
         raise IstnError(f"--resume: checkpoint '{path}' cannot be resumed from "
                         f"({type(e).__name__}: {_first_line(e)}); "
                         "start a new --out or use --overwrite") from None
-    for stale in run.model_dir.glob(".checkpoint*.pt"):  # temporary files of a killed run
+    for stale in run.model_dir.glob(layout.TEMP_CHECKPOINTS):  # temporary files of a killed run
         stale.unlink(missing_ok=True)
     return ts
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> TrainState:
     """Weights, Adam and RNG state into the run; the TrainState of the checkpoint."""
-    path = run.model_dir / CHECKPOINT
+    path = layout.checkpoint(run.model_dir)
     load_weights(run.model, state, str(path))
     run.opt.load_state_dict(state["optimizer"])
     for group in run.opt.param_groups:
@@ -537,7 +536,7 @@ def _interrupted(signum: int, epoch: int, batch: int, n_batches: int,
              else f"the end of epoch {epoch - 1}")
     return TrainingInterrupted(
         f"training stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in "
-        f"'{model_dir / CHECKPOINT}'", 128 + signum,
+        f"'{layout.checkpoint(model_dir)}'", 128 + signum,
         "; to continue, run the same command with --resume (without --overwrite)")
 
 
@@ -575,5 +574,5 @@ def _validate(run: _Run, epoch: int, warn: bool = True) -> dict[str, float]:
     panel = report.panel_tensor(val_set, res, 0)
     run.writer.add_image("val/pair0", panel, epoch, dataformats="HW")
     if run.save_temp:
-        report.pair_grid(val_set, res, run.out / "train" / "temp" / f"val_epoch{epoch:04d}.png")
+        report.pair_grid(val_set, res, layout.val_picture(run.out, epoch))
     return row
