@@ -21,6 +21,7 @@ from .spatial import transformation_class
 
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
 REFINE_MODES = ("weights", "params")
+REFINE_INPUTS = ("primes", "images")
 NETWORK_SCALINGS = ("auto", "none")
 
 
@@ -59,6 +60,12 @@ class Config:
     refine_mode: str = "weights"
     refine_learning_rate: float | None = None
     refine_batch: int = 0
+    # Extensions: what refinement compares ('primes': S', T' as published; 'images'), its
+    # similarity (null: 'similarity') and an early stop (relative loss decrease over 10
+    # iterations below which every pair counts as converged; 0: off).
+    refine_inputs: str = "primes"
+    refine_similarity: str | None = None
+    refine_tolerance: float = 0.0
     # Extensions: training robustness. 'auto': the networks see intensities standardised
     # by the training set's mean and standard deviation (the ITN's output is mapped back
     # to SoI units, so losses and metrics keep the data's units); 'none': raw values, as
@@ -110,9 +117,11 @@ def _check_type(key: str, value: Any, source: str) -> Any:
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
-    elif kind == "str":
+    elif kind in ("str", "str | None"):
+        if value is None and kind == "str | None":
+            return None
         if not isinstance(value, str):
-            raise bad("a string")
+            raise bad("a string" + (" or null" if kind == "str | None" else ""))
     elif kind.startswith("list"):
         item = int if "int" in kind else float
         if not isinstance(value, list | tuple) or not value:
@@ -162,6 +171,13 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.similarity not in SIMILARITIES:
         raise err("similarity", f"must be one of {', '.join(SIMILARITIES)}; "
                   f"got '{cfg.similarity}'")
+    if cfg.refine_similarity is not None and cfg.refine_similarity not in SIMILARITIES:
+        raise err("refine_similarity", f"must be null or one of {', '.join(SIMILARITIES)}; "
+                  f"got '{cfg.refine_similarity}'")
+    if cfg.refine_inputs not in REFINE_INPUTS:
+        raise err("refine_inputs", f"must be one of {', '.join(REFINE_INPUTS)}")
+    if cfg.refine_tolerance < 0:
+        raise err("refine_tolerance", "must be >= 0 (0: no early stop)")
     if cfg.refine_mode not in REFINE_MODES:
         raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}")
     if len(cfg.size) not in (2, 3):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..losses import refinement_loss
-from ..similarity import new_similarity
+from ..similarity import Similarity, new_similarity
 from .model import Model
 from .per_pair import per_pair_stn
 
@@ -33,8 +35,11 @@ class RefineSettings:
 
     ``mode`` 'weights' fine-tunes a copy of the STN per pair (published), 'params'
     optimises the transformation parameters directly; ``chunk`` pairs are refined
-    together (0: as many as fit a memory bound); ``similarity`` names the measure of
-    ``loss_stn_r = D(W(S'), T')`` in :mod:`istn.similarity`.
+    together (0: as many as fit a memory bound); ``similarity`` names the measure ``D``
+    of :mod:`istn.similarity`; ``inputs`` 'primes' minimises ``D(W(S'), T')`` (published),
+    'images' ``D(W(S), T)`` on the preprocessed images (the STN still sees S', T');
+    ``tolerance`` > 0 stops early once no pair's loss fell by more than that fraction
+    over the last ``PATIENCE`` iterations (0: always ``iterations``).
     """
 
     iterations: int
@@ -42,35 +47,55 @@ class RefineSettings:
     mode: str = "weights"
     chunk: int = 0
     similarity: str = "mse"
+    inputs: str = "primes"
+    tolerance: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config, iterations: int | None = None) -> RefineSettings:
         """Settings of ``cfg`` ('refine' iterations unless ``iterations`` is given)."""
         return cls(cfg.refine if iterations is None else iterations,
                    cfg.refine_learning_rate or cfg.learning_rate, cfg.refine_mode,
-                   cfg.refine_batch, cfg.similarity)
+                   cfg.refine_batch, cfg.refine_similarity or cfg.similarity,
+                   cfg.refine_inputs, cfg.refine_tolerance)
+
+
+# Iterations over which the stopping rule measures each pair's progress.
+PATIENCE = 10
 
 
 def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
-           settings: RefineSettings, progress: bool = True) -> torch.Tensor:
-    """Refined transformation parameters for every pair (the ITN outputs are fixed)."""
-    iterations, mode, chunk = settings.iterations, settings.mode, settings.chunk
+           settings: RefineSettings, progress: bool = True,
+           images: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Refined transformation parameters for every pair (the ITN outputs are fixed).
+
+    ``images`` (source, target) are what the loss compares when ``settings.inputs`` is
+    'images'; S', T' otherwise.
+    """
+    if settings.inputs == "images" and images is None:
+        raise ValueError("refinement on 'images' needs the images")
     sim = new_similarity(settings.similarity)
     # Adam drives many weight updates towards zero; denormal floats then make CPU
     # arithmetic ~10x slower, so flush them (no effect on the results that matter).
     flush = torch.set_flush_denormal(True)
-    n = len(src_prime)
+    n, chunk = len(src_prime), settings.chunk
     if chunk <= 0:
-        per_pair = sum(p.numel() for p in model.stn.parameters()) * 4 if mode == "weights" else 1
+        per_pair = (sum(p.numel() for p in model.stn.parameters()) * 4
+                    if settings.mode == "weights" else 1)
         chunk = max(1, min(n, _MAX_STACKED_ELEMENTS // per_pair))
     out = []
-    bar = tqdm(total=iterations * math.ceil(n / chunk), desc="refine", disable=not progress,
-               leave=False)
+    bar = tqdm(total=settings.iterations * math.ceil(n / chunk), desc="refine",
+               disable=not progress, leave=False)
     try:
         for i in range(0, n, chunk):
-            s_p, t_p = src_prime[i:i + chunk].detach(), trg_prime[i:i + chunk].detach()
-            fn = _refine_weights if mode == "weights" else _refine_params
-            out.append(fn(model, s_p, t_p, iterations, settings.learning_rate, sim, bar))
+            part = slice(i, i + chunk)
+            s_p, t_p = src_prime[part].detach(), trg_prime[part].detach()
+            s_l, t_l = ((images[0][part].detach(), images[1][part].detach())
+                        if settings.inputs == "images" else (s_p, t_p))
+            params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
+            loss = partial(_pair_losses, model, s_l, t_l, sim)
+            _optimise(params_now, opt, loss, settings, bar)
+            with torch.no_grad():
+                out.append(params_now().detach())
     finally:
         bar.close()
         if flush:
@@ -78,34 +103,49 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
     return torch.cat(out)
 
 
-def _refine_params(model, s_p, t_p, iterations, lr, sim, bar) -> torch.Tensor:
+def _pair_losses(model: Model, src: torch.Tensor, trg: torch.Tensor, sim: Similarity,
+                 params: torch.Tensor) -> torch.Tensor:
+    """``D(W(src), trg)`` of every pair under ``params`` [B]."""
+    return refinement_loss(model.stn.grid(params), src, trg, sim)
+
+
+def _optimise(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
+              loss: Callable[[torch.Tensor], torch.Tensor], settings: RefineSettings,
+              bar) -> int:
+    """Adam steps on the per-pair losses (summed) until done; the number of steps taken."""
+    past: list[torch.Tensor] = []
+    for it in range(settings.iterations):
+        opt.zero_grad(set_to_none=True)
+        per_pair = loss(params_now())
+        per_pair.sum().backward()
+        opt.step()
+        bar.update()
+        if settings.tolerance > 0:
+            past.append(per_pair.detach())
+            if len(past) > PATIENCE:
+                before = past.pop(0)
+                if bool(((before - past[-1]) <= settings.tolerance * before.abs()).all()):
+                    bar.update(settings.iterations - it - 1)
+                    return it + 1
+    return settings.iterations
+
+
+def _setup_params(model, s_p, t_p, lr):
+    """Mode 'params': the predicted parameters themselves are optimised."""
     with torch.no_grad():
         params = model.params(s_p, t_p)
     params = params.clone().requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=lr)
-    for _ in range(iterations):
-        opt.zero_grad(set_to_none=True)
-        refinement_loss(model.stn.grid(params), s_p, t_p, sim).sum().backward()
-        opt.step()
-        bar.update()
-    return params.detach()
+    return (lambda: params), torch.optim.Adam([params], lr=lr)
 
 
-def _refine_weights(model, s_p, t_p, iterations, lr, sim, bar) -> torch.Tensor:
+def _setup_weights(model, s_p, t_p, lr):
+    """Mode 'weights': one copy of the STN per pair, stacked (see :mod:`.per_pair`)."""
     stn = model.stn
     x = model.stn_input(s_p, t_p)
     per_pair = per_pair_stn(stn, len(s_p))
     if per_pair is None:  # a layer without a batched form: one vmapped copy per pair
-        return _refine_weights_vmap(model, s_p, t_p, iterations, lr, sim, bar)
-    weights = list(per_pair.parameters())
-    opt = _adam(weights, lr)
-    for _ in range(iterations):
-        opt.zero_grad(set_to_none=True)
-        refinement_loss(stn.grid(per_pair(x)), s_p, t_p, sim).sum().backward()
-        opt.step()
-        bar.update()
-    with torch.no_grad():
-        return per_pair(x)
+        return _setup_weights_vmap(model, s_p, t_p, lr)
+    return (lambda: per_pair(x)), _adam(list(per_pair.parameters()), lr)
 
 
 def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
@@ -116,8 +156,8 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _refine_weights_vmap(model, s_p, t_p, iterations, lr, sim, bar) -> torch.Tensor:
-    """General form of ``_refine_weights``: one STN copy per pair under ``vmap``."""
+def _setup_weights_vmap(model, s_p, t_p, lr):
+    """General form of ``_setup_weights``: one STN copy per pair under ``vmap``."""
     stn = model.stn
     weights, buffers = stack_module_state([copy.deepcopy(stn) for _ in range(len(s_p))])
     weights = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
@@ -127,15 +167,7 @@ def _refine_weights_vmap(model, s_p, t_p, iterations, lr, sim, bar) -> torch.Ten
         return functional_call(stn, (w, b), (xi,))
 
     batched = vmap(one)
+    return (lambda: batched(weights, buffers, x).squeeze(1)), _adam(list(weights.values()), lr)
 
-    def params_now():
-        return batched(weights, buffers, x).squeeze(1)
 
-    opt = _adam(list(weights.values()), lr)
-    for _ in range(iterations):
-        opt.zero_grad(set_to_none=True)
-        refinement_loss(stn.grid(params_now()), s_p, t_p, sim).sum().backward()
-        opt.step()
-        bar.update()
-    with torch.no_grad():
-        return params_now()
+_SETUP = {"params": _setup_params, "weights": _setup_weights}

@@ -116,10 +116,11 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
                           points[i] if points else (None, None), seg_threshold)
               for i in range(len(pairs))]
     ps = load_pair_lists(model.cfg, pairs)
-    params, s_p, t_p = predict(model, ps.src.to(device), ps.trg.to(device))
+    src, trg = ps.src.to(device), ps.trg.to(device)
+    params, s_p, t_p = predict(model, src, trg)
     if refine_iters > 0:
         params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
-                        progress)
+                        progress, images=(src, trg))
     params = params.detach().cpu()
     results = []
     for i in tqdm(range(len(pairs)), desc="write", disable=not progress or len(pairs) == 1):
