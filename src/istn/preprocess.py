@@ -125,7 +125,7 @@ def resample_onto(image: sitk.Image, origin: Sequence[float], spacing: Sequence[
     size = [int(s) for s in size]
     spacing = [float(s) for s in spacing]
     if (list(image.GetSize()) == size and np.allclose(image.GetSpacing(), spacing)
-            and np.allclose(image.GetDirection(), direction, rtol=0, atol=1e-9)
+            and np.allclose(image.GetDirection(), direction, rtol=0, atol=1e-6)
             and np.allclose(image.GetOrigin(), origin, rtol=0, atol=1e-3 * min(spacing))):
         return image
     return sitk.Resample(image, size, sitk.Transform(), interpolator, [float(o) for o in origin],
