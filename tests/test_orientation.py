@@ -424,3 +424,18 @@ def test_checkpoints_without_the_keys_keep_the_image_grid(tmp_path):
     assert from_dict(CFG).grid_orientation == "world"
     save_checkpoint(model, path)
     assert load_model(path)[0].cfg.grid_orientation == "world"
+
+
+@pytest.mark.parametrize("key, value", [("grid_orientation", "lps"), ("grid_centre", "moments"),
+                                        ("grid_orientation", 1)])
+def test_bad_grid_keys_name_the_key(key, value):
+    from istn.errors import IstnError
+
+    with pytest.raises(IstnError, match=key):
+        from_dict({key: value})
+
+
+def test_legacy_configs_fill_only_missing_keys():
+    assert from_dict({}, legacy=True).grid_orientation == "image"
+    assert from_dict({"grid_orientation": "world"}, legacy=True).grid_orientation == "world"
+    assert from_dict({"grid_centre": "mass"}, legacy=True).grid_centre == "mass"
