@@ -377,9 +377,9 @@ def test_export_exact_for_permuted_oblique_target(tmp_path, transformation, cent
     model = Model.build(cfg, "u", transformation)
     if transformation == "affine":  # a clearly non-identity prediction
         with torch.no_grad():
-            model.stn.translation.bias.fill_(0.3)
-            model.stn.rotation.bias.fill_(0.2)
-            model.stn.scaling.bias.fill_(0.3)
+            model.stn.head.translation.bias.fill_(0.3)
+            model.stn.head.rotation.bias.fill_(0.2)
+            model.stn.head.scaling.bias.fill_(0.3)
     out = tmp_path / "out"
     register_pairs(model, [tuple(paths)], [out], torch.device("cpu"), 0, progress=False)
     name = "transform.tfm" if transformation == "affine" else "displacement.nii.gz"
@@ -404,7 +404,7 @@ def test_export_exact_for_permuted_oblique_target(tmp_path, transformation, cent
 
 def test_checkpoints_without_the_keys_keep_the_image_grid(tmp_path):
     """Models saved before grid_orientation existed were trained on image grids."""
-    from istn.engine.model import load_model, save_checkpoint
+    from istn.engine.checkpoint import load_model, save_checkpoint
     from istn.errors import IstnError
 
     cfg = from_dict(CFG)

@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from istn.config import load_config
-from istn.engine.evaluate import _per_pair_stn, refine
 from istn.engine.model import Model
+from istn.engine.per_pair import per_pair_stn
+from istn.engine.refine import RefineSettings, refine
 from istn.losses import refinement_loss
 
 LR = 1e-3
@@ -85,9 +86,10 @@ def test_batched_weight_refinement_equals_per_pair_reference(kind, size, channel
     with torch.no_grad():
         start = model.stn(torch.cat([s_p, t_p], dim=1))
 
-    assert _per_pair_stn(model.stn, n) is not None  # the batched path, not the fallback
-    got = refine(model, s_p, t_p, iterations, LR, "weights", progress=False)
-    chunked = refine(model, s_p, t_p, iterations, LR, "weights", chunk=2, progress=False)
+    assert per_pair_stn(model.stn, n) is not None  # the batched path, not the fallback
+    got = refine(model, s_p, t_p, RefineSettings(iterations, LR, "weights"), progress=False)
+    chunked = refine(model, s_p, t_p, RefineSettings(iterations, LR, "weights", chunk=2),
+                     progress=False)
     want = _reference(model, s_p, t_p, iterations)
 
     assert got.shape == want.shape == start.shape
@@ -114,7 +116,7 @@ def test_batched_weight_refinement_is_exact_in_float64(kind, size, channels_last
     shape = list(model.cfg.shape)
     s_p, t_p = _images(n, shape, 5).double(), _images(n, shape, 6).double()
 
-    got = refine(model, s_p, t_p, iterations, LR, "weights", progress=False)
+    got = refine(model, s_p, t_p, RefineSettings(iterations, LR, "weights"), progress=False)
     want = _reference(model, s_p, t_p, iterations)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
@@ -127,6 +129,6 @@ def test_unsupported_layer_falls_back_to_vmap():
     n, iterations = 2, 8
     s_p, t_p = _images(n, [40, 40], 3), _images(n, [40, 40], 4)
 
-    assert _per_pair_stn(model.stn, n) is None
-    got = refine(model, s_p, t_p, iterations, LR, "weights", progress=False)
+    assert per_pair_stn(model.stn, n) is None
+    got = refine(model, s_p, t_p, RefineSettings(iterations, LR, "weights"), progress=False)
     torch.testing.assert_close(got, _reference(model, s_p, t_p, iterations), rtol=0, atol=2e-5)

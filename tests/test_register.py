@@ -10,7 +10,8 @@ import torch
 
 from istn.cli import main
 from istn.config import load_config
-from istn.engine.model import Model, save_checkpoint
+from istn.engine.checkpoint import save_checkpoint
+from istn.engine.model import Model
 from istn.engine.register import register_pairs
 from istn.export import read_transform
 
@@ -48,10 +49,10 @@ def perturbed_model(dim, transformation, strategy="i"):
     model = Model.build(cfg, strategy, transformation)
     if transformation == "affine":  # a clearly non-identity prediction
         with torch.no_grad():
-            model.stn.translation.bias.fill_(0.5)
-            model.stn.rotation.bias.fill_(0.3)
-            model.stn.scaling.bias.fill_(0.4)
-            model.stn.shearing.bias.fill_(0.1)
+            model.stn.head.translation.bias.fill_(0.5)
+            model.stn.head.rotation.bias.fill_(0.3)
+            model.stn.head.scaling.bias.fill_(0.4)
+            model.stn.head.shearing.bias.fill_(0.1)
     return model
 
 

@@ -7,7 +7,8 @@ import torch
 
 from istn.cli import main
 from istn.config import load_config
-from istn.engine.model import Model, save_checkpoint
+from istn.engine.checkpoint import save_checkpoint
+from istn.engine.model import Model
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import istn.engine.train as train_mod
 from istn.cli import main, main_reg
 from istn.config import Config, from_dict, load_config
 from istn.data import load_pairs, read_pair_csv
-from istn.engine.model import read_checkpoint
+from istn.engine.checkpoint import read_checkpoint
 from istn.errors import IstnError
 
 EPOCHS = 6  # training runs below: 8 pairs, batch 4 -> 2 batches per epoch
@@ -490,8 +490,8 @@ def test_nan_loss_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(
     calls = {"n": 0}
     real = train_mod.step_loss
 
-    def nan_on_third_batch(model, b, smoothness=0.0):
-        loss, terms = real(model, b, smoothness)
+    def nan_on_third_batch(model, b):
+        loss, terms = real(model, b)
         calls["n"] += 1
         if calls["n"] == 3:  # epoch 2, batch 1
             loss = loss * float("nan")
@@ -524,11 +524,11 @@ def test_sigint_mid_epoch_saves_and_resume_matches(data, reference, tmp_path, ca
     calls = {"n": 0}
     real = train_mod.step_loss
 
-    def interrupt_in_epoch_3(model, b, smoothness=0.0):
+    def interrupt_in_epoch_3(model, b):
         calls["n"] += 1
         if calls["n"] == 5:  # epoch 3, batch 1: Ctrl-C arrives during the batch
             os.kill(os.getpid(), signal.SIGINT)
-        return real(model, b, smoothness)
+        return real(model, b)
 
     monkeypatch.setattr(train_mod, "step_loss", interrupt_in_epoch_3)
     out = tmp_path / "o"
@@ -639,12 +639,12 @@ def test_debug_shows_the_traceback(data, tmp_path, capsys):
 
 
 def test_interrupt_without_resume_option_gives_no_resume_hint(tmp_path, capsys, monkeypatch):
-    import istn.cli as cli
+    import istn.cli.tools as tools
 
     def stopped(args):
         raise train_mod.TrainingInterrupted("training stopped by SIGTERM", 143, "; use --resume")
 
-    monkeypatch.setattr(cli, "cmd_synth", stopped)  # a command without --resume (like demo)
+    monkeypatch.setattr(tools, "cmd_synth", stopped)  # a command without --resume (like demo)
     assert main(["synth", "2d", "--out", str(tmp_path / "o")]) == 143
     assert capsys.readouterr().err == "istn: training stopped by SIGTERM\n"
 
@@ -796,7 +796,8 @@ def test_dead_stn_layer_is_detected():
 
     torch.manual_seed(0)
     model = Model.build(from_dict({"size": [64, 64]}), "i", "affine")
-    for head in (model.stn.translation, model.stn.rotation):  # non-identity, input-dependent
+    heads = (model.stn.head.translation, model.stn.head.rotation)
+    for head in heads:  # non-identity, input-dependent
         torch.nn.init.normal_(head.weight, std=0.5)
     src, trg = torch.rand(4, 1, 64, 64) * 255, torch.rand(4, 1, 64, 64) * 255
     assert dead_layers(model, src, trg) == []

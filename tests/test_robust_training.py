@@ -11,7 +11,8 @@ import torch
 
 from istn.config import load_config
 from istn.data import load_pairs
-from istn.engine.model import Model, load_model, save_checkpoint, scaling_from
+from istn.engine.checkpoint import load_model, save_checkpoint
+from istn.engine.model import Model, scaling_from
 from istn.engine.train import (
     COLLAPSE_EPOCH,
     RESTART_SEED_STEP,
@@ -149,16 +150,16 @@ def test_collapse_without_dead_layer_is_found_from_epoch_10(data):
     torch.manual_seed(0)
     model = Model.build(cfg, "i", "affine")
     with torch.no_grad():
-        model.stn.fc[0].weight.zero_()  # constant features: alive ReLUs, one transformation
-        model.stn.fc[0].bias.fill_(1.0)
-        model.stn.translation.bias.fill_(0.3)
+        model.stn.head.fc[0].weight.zero_()  # constant features: alive ReLUs, one transformation
+        model.stn.head.fc[0].bias.fill_(1.0)
+        model.stn.head.translation.bias.fill_(0.3)
     assert dead_layers(model, ps.src, ps.trg) == []
     assert collapse(model, ps.src, ps.trg, COLLAPSE_EPOCH - 1) is None
     why = collapse(model, ps.src, ps.trg, COLLAPSE_EPOCH)
     assert why is not None and "same transformation" in why
     torch.manual_seed(0)
     healthy = Model.build(cfg, "i", "affine")
-    torch.nn.init.normal_(healthy.stn.translation.weight, std=0.5)
+    torch.nn.init.normal_(healthy.stn.head.translation.weight, std=0.5)
     assert collapse(healthy, ps.src, ps.trg, COLLAPSE_EPOCH) is None
 
 

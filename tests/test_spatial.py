@@ -9,7 +9,7 @@ import torch
 from scipy.interpolate import BSpline
 from scipy.spatial.transform import Rotation
 
-from istn.nets import AffineSTN, BSplineSTN
+from istn.nets import STN
 from istn.spatial import (
     AffineModel,
     BSplineModel,
@@ -94,7 +94,7 @@ def test_affine_matrix_composition_matches_numpy_and_scipy():
 
 @pytest.mark.parametrize("shape", [(48, 40), (40, 40, 44)])
 def test_zero_initialised_affine_stn_is_identity(shape):
-    stn = AffineSTN(shape)
+    stn = STN("affine", shape)
     x = torch.rand(2, 2, *shape)
     theta = stn(x)
     np.testing.assert_allclose(theta.detach().numpy(),
@@ -158,9 +158,9 @@ def test_bspline_stn_published_init_is_random_and_zero_init_is_identity():
     shape = (48, 48)
     x = torch.rand(1, 2, *shape)
     torch.manual_seed(0)
-    published = BSplineSTN(shape)
+    published = STN("bspline", shape)
     assert published(x).abs().max() > 1e-3
-    zero = BSplineSTN(shape, zero_init=True)
+    zero = STN("bspline", shape, zero_init=True)
     p = zero(x)
     assert p.abs().max() == 0
     assert torch.allclose(zero.grid(p), identity_grid(shape))

@@ -5,7 +5,7 @@ synthetic data from :func:`istn.synth.generate` (2D: 128x128, batch 10, 100 trai
 pairs; 3D: 64^3, batch 2, 20 training pairs):
 
 * training: seconds per epoch and pairs per second of the real training step
-  (``Model.build`` + Adam + :func:`istn.engine.train.step_loss`, backward, step) over
+  (``Model`` + Adam + :func:`istn.engine.train.backward_step`, step) over
   shuffled batches, timed for a few epochs after one warm-up batch;
 * testing: milliseconds per pair of :func:`istn.engine.evaluate.predict` alone (no
   metrics), and of :func:`istn.engine.evaluate.evaluate` without refinement
@@ -142,36 +142,34 @@ def _gather(ps, idx, device) -> dict:
 
 
 def _train_epochs(model, opt, ps, device, epochs: int, gen) -> list[float]:
-    """Run ``epochs`` epochs of the real training step; seconds per epoch."""
+    """Run ``epochs`` epochs of the engine's training step; seconds per epoch."""
     import torch
 
-    from .engine.train import step_loss
+    from .engine.train import backward_step
 
-    cfg = model.cfg
-    n, bs = len(ps), cfg.batch_size
+    n, bs = len(ps), model.cfg.batch_size
     model.train(True)
     times = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
         t0 = _timer(device)
         for b in range(0, n, bs):
-            batch = _gather(ps, order[b:b + bs], device)
-            loss, _ = step_loss(model, batch, cfg.smoothness)
+            loss, _ = backward_step(model, opt, _gather(ps, order[b:b + bs], device))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"training diverged (loss {loss.item()})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             opt.step()
         times.append(_timer(device) - t0)
     return times
 
 
 def _time_refine(model, s_p, t_p, iterations: int, mode: str, chunk: int, device) -> float:
-    from .engine.evaluate import refine
+    from dataclasses import replace
 
-    lr = model.cfg.refine_learning_rate or model.cfg.learning_rate
+    from .engine.refine import RefineSettings, refine
+
+    settings = replace(RefineSettings.from_config(model.cfg, iterations), mode=mode, chunk=chunk)
     t0 = _timer(device)
-    refine(model, s_p, t_p, iterations, lr, mode, chunk, progress=False)
+    refine(model, s_p, t_p, settings, progress=False)
     return _timer(device) - t0
 
 
@@ -228,7 +226,8 @@ def _classical(model, opt, train_set, test_set, device, spec, epochs_done: int, 
     import numpy as np
     import torch
 
-    from .engine.evaluate import apply, predict, refine
+    from .engine.evaluate import apply, predict
+    from .engine.refine import RefineSettings, refine
 
     cfg = model.cfg
     extra = max(0, spec["brief_epochs"] - epochs_done)
@@ -241,11 +240,9 @@ def _classical(model, opt, train_set, test_set, device, spec, epochs_done: int, 
     t0 = _timer(device)
     params, s_p, t_p = predict(model, src, trg)
     t_predict = _timer(device) - t0
-    lr = cfg.refine_learning_rate or cfg.learning_rate
     iters = spec["refine"]
     t0 = _timer(device)
-    refined = refine(model, s_p, t_p, iters, lr, cfg.refine_mode, cfg.refine_batch,
-                     progress=False)
+    refined = refine(model, s_p, t_p, RefineSettings.from_config(cfg, iters), progress=False)
     t_refine = _timer(device) - t0
     dice_pred = _mean_dice(apply(model, params, test_set, None).seg, test_set.trg_seg, spacing)
     dice_ref = _mean_dice(apply(model, refined, test_set, None).seg, test_set.trg_seg, spacing)
@@ -282,12 +279,10 @@ def _flops(model, train_set, device, step_s: float) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engine.train import step_loss
-
     model.train(True)
     batch = _gather(train_set, torch.arange(min(model.cfg.batch_size, len(train_set))), device)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = step_loss(model, batch, model.cfg.smoothness)
+        loss, _ = model(batch)
         loss.backward()
     for p in model.parameters():
         p.grad = None
@@ -414,7 +409,7 @@ def _worker(spec: dict) -> dict:
         times.append(_timer(device) - t0)
     out["predict_ms_per_pair"] = 1e3 * sorted(times)[len(times) // 2] / n
     t0 = _timer(device)
-    evaluate(model, test_set, device, refine_iters=0, progress=False)
+    evaluate(model, test_set, device, progress=False)
     out["test_ms_per_pair_with_metrics"] = 1e3 * (_timer(device) - t0) / n
 
     # Refinement: one pair at a time vs all test pairs together, both modes.
@@ -683,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        from .cli import keep_freed_memory
+        from .cli.common import keep_freed_memory
 
         keep_freed_memory()  # as the istn commands do
         spec = json.loads(Path(args.worker[0]).read_text())

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from .errors import IstnError
+from .similarity import SIMILARITIES
+from .spatial import transformation_class
 
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
 REFINE_MODES = ("weights", "params")
@@ -55,6 +57,8 @@ class Config:
     max_displacement: float = 0.2
     bspline_zero_init: bool = False
     smoothness: float = 0.0
+    # Extensions: the similarity of the STN losses and of refinement (see istn.similarity).
+    similarity: str = "mse"
     # Extensions: refinement ('weights' = fine-tune the STN as published,
     # 'params' = optimise the transformation parameters directly).
     refine_mode: str = "weights"
@@ -89,18 +93,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def stn_options(self, transformation: str) -> dict[str, Any]:
-        if transformation == "affine":
-            return dict(
-                max_translation=self.max_translation,
-                max_rotation=self.max_rotation,
-                max_scaling=self.max_scaling,
-                max_shearing=self.max_shearing,
-            )
-        return dict(
-            spacing=self.bspline_spacing,
-            max_displacement=self.max_displacement,
-            zero_init=self.bspline_zero_init,
-        )
+        """Keyword arguments of the transformation model, from the keys it names."""
+        cls = transformation_class(transformation)
+        return {arg: getattr(self, key) for arg, key in cls.options.items()}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -183,6 +178,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for key in ("normalizer_img", "normalizer_seg"):
         if getattr(cfg, key) not in NORMALIZERS:
             raise err(key, f"must be one of {', '.join(NORMALIZERS)}; got '{getattr(cfg, key)}'")
+    if cfg.similarity not in SIMILARITIES:
+        raise err("similarity", f"must be one of {', '.join(SIMILARITIES)}; "
+                  f"got '{cfg.similarity}'")
     if cfg.refine_mode not in REFINE_MODES:
         raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}")
     if len(cfg.size) not in (2, 3):

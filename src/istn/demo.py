@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import layout
 from .config import load_config
 from .errors import IstnError
 
@@ -29,26 +30,33 @@ def run_demo(out: Path, seed: int = 0, epochs: int | None = None,
     from .engine.train import train
     from .synth import generate
 
-    if (out / "test" / "summary.json").exists() or (out / "train").exists():
+    test = layout.test_dir(out)
+    if layout.test_summary(test).exists() or layout.train_dir(out).exists():
         if not overwrite:
             raise IstnError(f"demo output folder '{out}' already holds a run; "
                             "use --overwrite or another --out")
-        for sub in ("data", "train", "test", "tensorboard"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+        for folder in (layout.demo_data_dir(out), layout.train_dir(out), test,
+                       layout.tensorboard_dir(out)):
+            shutil.rmtree(folder, ignore_errors=True)
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
-    data = out / "data"
+    data = layout.demo_data_dir(out)
     generate(data, dim=2, n_train=DEMO_TRAIN_PAIRS, n_val=DEMO_VAL_PAIRS,
              n_test=DEMO_TEST_PAIRS, seed=seed)
     print(f"[1/3] generated {DEMO_TRAIN_PAIRS} training and {DEMO_TEST_PAIRS} test pairs "
           f"in '{data}' ({time.perf_counter() - t0:.1f} s)")
-    cfg = load_config(data / "config.json", {"epochs": epochs or DEMO_EPOCHS, "val_interval": 10})
+    cfg = load_config(layout.dataset_config(data),
+                      {"epochs": epochs or DEMO_EPOCHS, "val_interval": 10})
     torch.manual_seed(seed)
     model = Model.build(cfg, "i", "affine")
-    train_set = load_pairs(cfg, data / "train.csv", data / "train.seg.csv")
-    val_set = load_pairs(cfg, data / "val.csv", data / "val.seg.csv")
-    test_set = load_pairs(cfg, data / "test.csv", data / "test.seg.csv", None,
-                          data / "test.points.csv", data / "test.transforms.csv")
+
+    def csv(split: str, kind: str = "") -> Path:
+        return layout.dataset_csv(data, split, kind)
+
+    train_set = load_pairs(cfg, csv("train"), csv("train", "seg"))
+    val_set = load_pairs(cfg, csv("val"), csv("val", "seg"))
+    test_set = load_pairs(cfg, csv("test"), csv("test", "seg"), None, csv("test", "points"),
+                          csv("test", "transforms"))
     t1 = time.perf_counter()
     train(model, train_set, val_set, out, device, seed, progress=progress)
     print(f"[2/3] trained ISTN-i affine for {cfg.epochs} epochs ({time.perf_counter() - t1:.1f} s)")
@@ -56,8 +64,8 @@ def run_demo(out: Path, seed: int = 0, epochs: int | None = None,
     print(f"[3/3] tested {len(test_set)} pairs, refinement {cfg.refine} iterations "
           f"({summary['seconds']:.1f} s)\n")
     print(format_table(summary))
-    print(f"\nresults: {out / 'test' / 'summary.json'}, {out / 'test' / 'metrics.csv'}\n"
-          f"picture: {out / 'test' / 'pairs.png'}; loss curve: "
-          f"{out / 'train' / 'loss_curve.png'}; TensorBoard: {out / 'tensorboard'}\n"
+    print(f"\nresults: {layout.test_summary(test)}, {layout.test_metrics(test)}\n"
+          f"picture: {layout.test_pairs(test)}; loss curve: "
+          f"{layout.loss_curve(out)}; TensorBoard: {layout.tensorboard_dir(out)}\n"
           f"total {time.perf_counter() - t0:.1f} s")
     return summary

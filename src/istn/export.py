@@ -16,6 +16,7 @@ the target's own grid (``DisplacementFieldTransform``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
     shape = tuple(g_trg.size[::-1])
     from_trg = np.linalg.inv(index_to_physical_matrix(g_trg) @ normalised_to_index_matrix(g_trg))
     to_src = index_to_physical_matrix(g_src) @ normalised_to_index_matrix(g_src)
-    transform = model.stn.transform
+    transform = model.transform
     if tuple(transform.shape) != shape:
         raise IstnError(f"the network grid {shape} does not match the model's {transform.shape}")
 
@@ -91,6 +92,33 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
         return out @ to_src[:d, :d].T + to_src[:d, d]
 
     return apply
+
+
+@dataclass
+class Exported:
+    """A prediction in physical space: ``transform`` maps target points to source points.
+
+    ``field`` is the displacement field (on the reference grid) of a non-linear model;
+    None for linear models, whose transform is one exact ``AffineTransform``.
+    """
+
+    transform: sitk.Transform
+    field: sitk.Image | None = None
+
+
+def export_transform(model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
+                     reference: sitk.Image) -> Exported:
+    """The prediction ``params`` of one pair as an ITK transform (target -> source).
+
+    Linear models (``linear_matrix`` is not None) compose exactly into an
+    ``AffineTransform``; any other model is sampled as a displacement field on
+    ``reference``'s grid.
+    """
+    matrix = model.transform.linear_matrix(params[None])
+    if matrix is not None:
+        return Exported(affine_to_sitk(matrix[0].detach().cpu().numpy(), g_src, g_trg))
+    field = displacement_field(physical_point_map(model, params, g_src, g_trg), reference)
+    return Exported(field_transform(field), field)
 
 
 def grid_points(reference: sitk.Image) -> np.ndarray:

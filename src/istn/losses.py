@@ -1,13 +1,14 @@
-"""Training losses of the four strategies (MSE everywhere).
+"""Training losses of the four strategies, written against a similarity of the registry.
 
 ``W(x)`` is ``x`` warped by the predicted transformation; ``S'``, ``T'`` are the
-ITN outputs (or the images themselves for STN-u / STN-s).
+ITN outputs (or the images themselves for STN-u / STN-s). ``D`` is the configured
+similarity (config 'similarity'; MSE as published):
 
-    loss_itn   = MSE(ITN(S), S_seg) + MSE(ITN(T), T_seg)
-    loss_stn_u = MSE(W(S), T)
-    loss_stn_s = MSE(W(S_seg), T_seg)
-    loss_stn_i = MSE(W(ITN(S)), T_seg) + MSE(W(S_seg), ITN(T))
-    loss_stn_r = MSE(W(S'), T')                       (refinement)
+    loss_itn   = MSE(ITN(S), S_seg) + MSE(ITN(T), T_seg)     (always MSE: a regression)
+    loss_stn_u = D(W(S), T)
+    loss_stn_s = D(W(S_seg), T_seg)
+    loss_stn_i = D(W(ITN(S)), T_seg) + D(W(S_seg), ITN(T))
+    loss_stn_r = D(W(S'), T')                         (refinement, per pair)
 
     u: loss_stn_u   s: loss_stn_s   e: loss_itn + loss_stn_s   i: loss_stn_i + loss_stn_s
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import IstnError
+from .similarity import Similarity, new_similarity
 from .spatial import warp
 
 STRATEGIES = {"u": "STN-u", "s": "STN-s", "e": "ISTN-e", "i": "ISTN-i"}
@@ -40,12 +42,14 @@ def check_strategy(strategy: str) -> str:
 
 def training_loss(strategy: str, grid: torch.Tensor, src: torch.Tensor, trg: torch.Tensor,
                   src_prime: torch.Tensor, trg_prime: torch.Tensor,
-                  src_seg: torch.Tensor | None, trg_seg: torch.Tensor | None
+                  src_seg: torch.Tensor | None, trg_seg: torch.Tensor | None,
+                  similarity: Similarity | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total training loss of ``strategy`` and its named terms (for logging)."""
+    sim = similarity or new_similarity("mse")
     terms: dict[str, torch.Tensor] = {}
     if strategy == "u":
-        terms["stn_u"] = F.mse_loss(warp(src, grid), trg)
+        terms["stn_u"] = sim.mean(warp(src, grid), trg)
     else:
         if src_seg is None or trg_seg is None:
             raise IstnError(f"strategy '{strategy}' needs segmentations (--train_seg)")
@@ -55,17 +59,16 @@ def training_loss(strategy: str, grid: torch.Tensor, src: torch.Tensor, trg: tor
             warped_seg, warped_prime = both[:, :c], both[:, c:]
         else:
             warped_seg = warp(src_seg, grid)
-        terms["stn_s"] = F.mse_loss(warped_seg, trg_seg)
+        terms["stn_s"] = sim.mean(warped_seg, trg_seg)
         if strategy == "e":
             terms["itn"] = F.mse_loss(src_prime, src_seg) + F.mse_loss(trg_prime, trg_seg)
         elif strategy == "i":
-            terms["stn_i"] = (F.mse_loss(warped_prime, trg_seg)
-                              + F.mse_loss(warped_seg, trg_prime))
+            terms["stn_i"] = sim.mean(warped_prime, trg_seg) + sim.mean(warped_seg, trg_prime)
     return torch.stack(list(terms.values())).sum(), terms
 
 
-def refinement_loss(grid: torch.Tensor, src_prime: torch.Tensor, trg_prime: torch.Tensor
-                    ) -> torch.Tensor:
-    """Per-pair ``MSE(W(S'), T')`` [B]: summing it keeps each pair's gradient its own."""
-    diff = (warp(src_prime, grid) - trg_prime) ** 2
-    return diff.flatten(1).mean(1)
+def refinement_loss(grid: torch.Tensor, src_prime: torch.Tensor, trg_prime: torch.Tensor,
+                    similarity: Similarity | None = None) -> torch.Tensor:
+    """Per-pair ``D(W(S'), T')`` [B]: summing it keeps each pair's gradient its own."""
+    sim = similarity or new_similarity("mse")
+    return sim.per_pair(warp(src_prime, grid), trg_prime)

@@ -42,11 +42,14 @@ def _scale01(t: torch.Tensor) -> torch.Tensor:
     return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
 
 
-def panel_tensor(ps, res: dict, i: int) -> torch.Tensor:
-    """Source | target | warped source (| S' | T') for TensorBoard, values in [0, 1]."""
-    tiles = [ps.src[i, 0], ps.trg[i, 0], res["warped"].src[i, 0]]
-    if res.get("src_prime") is not None:
-        tiles += [res["src_prime"][i, 0], res["trg_prime"][i, 0]]
+def panel_tensor(ps, res, i: int) -> torch.Tensor:
+    """Source | target | warped source (| S' | T') for TensorBoard, values in [0, 1].
+
+    ``res`` is an :class:`istn.engine.evaluate.Evaluation`.
+    """
+    tiles = [ps.src[i, 0], ps.trg[i, 0], res.warped.src[i, 0]]
+    if res.src_prime is not None:
+        tiles += [res.src_prime[i, 0], res.trg_prime[i, 0]]
     return torch.cat([_scale01(mosaic(t.float().cpu())) for t in tiles], dim=1)
 
 
@@ -73,20 +76,22 @@ def loss_curve(history: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def pair_grid(ps, res: dict, path: Path, max_pairs: int = 4) -> None:
-    """Rows of pairs: source, target, S', T', warped source, warped SoI over target."""
-    refined = res.get("warped_refined")
-    warped = refined if refined is not None else res["warped"]
+def pair_grid(ps, res, path: Path, max_pairs: int = 4) -> None:
+    """Rows of pairs: source, target, S', T', warped source, warped SoI over target.
+
+    ``res`` is an :class:`istn.engine.evaluate.Evaluation` (refined images where present).
+    """
+    warped = res.warped_refined if res.warped_refined is not None else res.warped
     cols = ["source", "target"]
-    if res.get("src_prime") is not None:
+    if res.src_prime is not None:
         cols += ["ITN(source)", "ITN(target)"]
     cols += ["warped source", "SoI: target (green) / warped (magenta)"]
     n = min(max_pairs, len(ps))
     fig, axes = plt.subplots(n, len(cols), figsize=(2.6 * len(cols), 2.6 * n), squeeze=False)
     for r in range(n):
         imgs = [ps.src[r, 0], ps.trg[r, 0]]
-        if res.get("src_prime") is not None:
-            imgs += [res["src_prime"][r, 0], res["trg_prime"][r, 0]]
+        if res.src_prime is not None:
+            imgs += [res.src_prime[r, 0], res.trg_prime[r, 0]]
         imgs += [warped.src[r, 0]]
         for c, im in enumerate(imgs):
             axes[r, c].imshow(middle_slice(im), cmap="gray")

@@ -21,7 +21,6 @@ split), so the output is byte for byte reproducible.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +29,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from istn import layout
 from istn.errors import IstnError
+from istn.io import write_atomically, write_image
 
 __all__ = ["generate", "read_transform", "SPLITS"]
 
@@ -457,10 +458,8 @@ def _render(
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Writes text through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, newline="\n")
-    os.replace(tmp, path)
+    """Writes text atomically, with ``\\n`` line ends on every platform (same bytes)."""
+    write_atomically(path, lambda tmp: tmp.write_text(text, newline="\n"))
 
 
 def _write_image(arr: np.ndarray, path: Path, spacing: float) -> None:
@@ -470,7 +469,7 @@ def _write_image(arr: np.ndarray, path: Path, spacing: float) -> None:
     img.SetOrigin([0.0] * dim)
     img.SetDirection(np.eye(dim).ravel().tolist())
     try:
-        sitk.WriteImage(img, str(path))
+        write_image(img, path)  # atomically: a crash leaves no half-written image
     except RuntimeError as exc:
         raise IstnError(f"cannot write image {path}: {exc}") from exc
 
@@ -533,8 +532,8 @@ def generate(
     # at a half-written split.
     todo = [s for s in SPLITS if counts[s] > 0]
     for split in todo:
-        for suffix in ("csv", "seg.csv", "points.csv", "transforms.csv"):
-            (out / f"{split}.{suffix}").unlink(missing_ok=True)
+        for kind in layout.DATASET_KINDS:
+            layout.dataset_csv(out, split, kind).unlink(missing_ok=True)
 
     seq = np.random.SeedSequence(int(seed))
     tpl_seq, *split_seqs = seq.spawn(1 + len(SPLITS))
@@ -553,7 +552,7 @@ def generate(
         rng = np.random.default_rng(sseq)
         folder = out / split
         folder.mkdir(exist_ok=True)
-        rows: dict[str, list[tuple[str, str]]] = {"": [], "seg": [], "points": [], "tf": []}
+        rows: dict[str, list[tuple[str, str]]] = {kind: [] for kind in layout.DATASET_KINDS}
         for i in range(1, n + 1):
             names = {}
             for role in ("source", "target"):
@@ -570,18 +569,13 @@ def generate(
             rows[""].append((f"{src}.{ext}", f"{trg}.{ext}"))
             rows["seg"].append((f"{src}_seg.{ext}", f"{trg}_seg.{ext}"))
             rows["points"].append((f"{src}_points.{ext}", f"{trg}_points.{ext}"))
-            rows["tf"].append((f"{src}_transform.txt", f"{trg}_transform.txt"))
+            rows["transforms"].append((f"{src}_transform.txt", f"{trg}_transform.txt"))
         index[split] = rows
 
     for split, rows in index.items():
-        for key, suffix in (
-            ("", "csv"),
-            ("seg", "seg.csv"),
-            ("points", "points.csv"),
-            ("tf", "transforms.csv"),
-        ):
-            text = "src,trg\n" + "".join(f"{s},{t}\n" for s, t in rows[key])
-            _write_text(out / f"{split}.{suffix}", text)
+        for kind in layout.DATASET_KINDS:
+            text = "src,trg\n" + "".join(f"{s},{t}\n" for s, t in rows[kind])
+            _write_text(layout.dataset_csv(out, split, kind), text)
     config = {
         "epochs": 100,
         "refine": 50,
@@ -594,5 +588,5 @@ def generate(
         "spacing": [int(style.spacing)] * dim,
     }
     body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in config.items())
-    _write_text(out / "config.json", "{\n" + body + "\n}\n")
+    _write_text(layout.dataset_config(out), "{\n" + body + "\n}\n")
     return out

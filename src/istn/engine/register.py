@@ -19,24 +19,17 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
-from .. import report
+from .. import layout, report
 from ..data import Geometry, load_pair_lists, read_points
 from ..errors import IstnError
-from ..export import (
-    affine_to_sitk,
-    displacement_field,
-    jacobian_stats,
-    physical_point_map,
-    warp_to_reference,
-)
+from ..export import export_transform, jacobian_stats, physical_point_map, warp_to_reference
 from ..io import array_to_image, read_image, write_image, write_text, write_transform
 from ..metrics import overlap_metrics
-from .evaluate import predict, refine
+from .evaluate import predict
 from .model import Model
+from .refine import RefineSettings, refine
 
-FILES = {"warped": "warped_source.nii.gz", "warped_seg": "warped_source_seg.nii.gz",
-         "affine": "transform.tfm", "field": "displacement.nii.gz",
-         "metrics": "metrics.json", "report": "report.png"}
+FILES = layout.REGISTER_FILES  # the output file names of one pair
 
 
 def read_labels(path: Path, what: str, threshold: float | None = None) -> sitk.Image:
@@ -125,9 +118,8 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
     ps = load_pair_lists(model.cfg, pairs)
     params, s_p, t_p = predict(model, ps.src.to(device), ps.trg.to(device))
     if refine_iters > 0:
-        cfg = model.cfg
-        params = refine(model, s_p, t_p, refine_iters, cfg.refine_learning_rate or
-                        cfg.learning_rate, cfg.refine_mode, cfg.refine_batch, progress)
+        params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
+                        progress)
     params = params.detach().cpu()
     results = []
     for i in tqdm(range(len(pairs)), desc="write", disable=not progress or len(pairs) == 1):
@@ -145,12 +137,12 @@ def _write_pair(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
                      "transformation": model.transformation}
     warped = warp_to_reference(src, trg, point_map)
     write_image(array_to_image(warped, trg), out / FILES["warped"])
-    if model.transformation == "affine":
-        write_transform(affine_to_sitk(params.numpy(), g_src, g_trg), out / FILES["affine"])
+    exported = export_transform(model, params, g_src, g_trg, trg)
+    if exported.field is None:
+        write_transform(exported.transform, out / FILES["affine"])
     else:
-        field = displacement_field(point_map, trg)
-        write_image(field, out / FILES["field"])
-        metrics.update(jacobian_stats(field))
+        write_image(exported.field, out / FILES["field"])
+        metrics.update(jacobian_stats(exported.field))
     warped_seg = None
     if inp.src_seg is not None:
         warped_seg = warp_to_reference(inp.src_seg, trg, point_map, labels=True)

@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from .. import report
+from .. import layout, report
 from ..data import PairSet
 from ..io import array_to_image, write_image, write_text
 from ..metrics import mean_metrics
 from . import distributed
-from .evaluate import evaluate
+from .evaluate import STAGES, Evaluation, evaluate
 from .model import Model
+from .refine import RefineSettings
 
 METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
-STAGES = ("identity", "before_refinement", "after_refinement")
 
 
 def _clean(v):
@@ -48,19 +48,21 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     results and returns the summary (the other processes return None).
     """
     d = distributed.current()
-    folder = out / "test"
+    folder = layout.test_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # a process may get no pairs (more processes than pairs): it only takes part in merging
-    res = evaluate(model, ps, device, refine_iters, progress=progress and d.main) if len(ps) \
+    refinement = RefineSettings.from_config(model.cfg, refine_iters)
+    res = evaluate(model, ps, device, refinement, progress=progress and d.main) if len(ps) \
         else None
     seconds = distributed.gather([time.perf_counter() - t0], d)  # the slowest process
     mine = []
     if res is not None:
         if write_images:
             _write_images(model, ps, res, folder)
-        mine = [(name, {stage: res[stage][i] if res[stage] is not None else None
-                        for stage in STAGES}) for i, name in enumerate(ps.names)]
+        stages = res.stages()
+        mine = [(name, {stage: rows[i] if rows is not None else None
+                        for stage, rows in stages.items()}) for i, name in enumerate(ps.names)]
     merged = distributed.gather(mine, d)
     if merged is None:
         return None
@@ -75,21 +77,21 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     summary["processes"] = d.world
     summary["seconds"] = max(seconds)
     _write_results(names, rows, folder)
-    write_text(json.dumps(summary, indent=2) + "\n", folder / "summary.json")
+    write_text(json.dumps(summary, indent=2) + "\n", layout.test_summary(folder))
     if res is not None:
-        report.pair_grid(ps, res, folder / "pairs.png")
+        report.pair_grid(ps, res, layout.test_pairs(folder))
     return summary
 
 
-def _write_images(model: Model, ps: PairSet, res: dict, folder: Path) -> None:
+def _write_images(model: Model, ps: PairSet, res: Evaluation, folder: Path) -> None:
     """NIfTI outputs on the target's (network-grid) geometry, named by pair."""
     for i, name in enumerate(ps.names):
         ref = ps.references[i]
         items = {}
-        if res["src_prime"] is not None:
-            items["src_prime"] = res["src_prime"][i, 0]
-            items["trg_prime"] = res["trg_prime"][i, 0]
-        for tag, warped in (("", res["warped"]), ("_refined", res["warped_refined"])):
+        if res.src_prime is not None:
+            items["src_prime"] = res.src_prime[i, 0]
+            items["trg_prime"] = res.trg_prime[i, 0]
+        for tag, warped in (("", res.warped), ("_refined", res.warped_refined)):
             if warped is None:
                 continue
             items[f"warped_src{tag}"] = warped.src[i, 0]
@@ -98,7 +100,7 @@ def _write_images(model: Model, ps: PairSet, res: dict, folder: Path) -> None:
             if warped.src_prime is not None:
                 items[f"warped_src_prime{tag}"] = warped.src_prime[i, 0]
         for key, arr in items.items():
-            write_image(array_to_image(arr.numpy(), ref), folder / f"{name}_{key}.nii.gz")
+            write_image(array_to_image(arr.numpy(), ref), layout.test_image(folder, name, key))
 
 
 def _write_results(names: list[str], res: dict, folder: Path) -> None:
@@ -106,15 +108,14 @@ def _write_results(names: list[str], res: dict, folder: Path) -> None:
 
     ``res`` maps each stage to its per-pair metric rows (in the order of ``names``).
     """
-    for stage, fname in (("before_refinement", "test_results.yml"),
-                         ("after_refinement", "test_results_refined.yml")):
+    for stage, refined in (("before_refinement", False), ("after_refinement", True)):
         rows = res[stage]
         if rows is None:
             continue
         doc = {"mean": summarise(rows),
                "pairs": {name: {k: _clean(v) for k, v in row.items()}
                          for name, row in zip(names, rows, strict=True)}}
-        write_text(yaml.safe_dump(doc, sort_keys=False), folder / fname)
+        write_text(yaml.safe_dump(doc, sort_keys=False), layout.test_results(folder, refined))
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["pair", "stage", *METRICS])
@@ -122,7 +123,7 @@ def _write_results(names: list[str], res: dict, folder: Path) -> None:
         for name, row in zip(names, res[stage] or [], strict=False):
             w.writerow([name, stage, *["" if _clean(row.get(k)) is None else row[k]
                                        for k in METRICS]])
-    write_text(buf.getvalue(), folder / "metrics.csv")
+    write_text(buf.getvalue(), layout.test_metrics(folder))
 
 
 def format_table(summary: dict) -> str:

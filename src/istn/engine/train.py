@@ -1,5 +1,9 @@
 """Joint training of ITN and STN with Adam; validation, checkpoints, TensorBoard.
 
+The loop is small steps over a :class:`TrainState` (epoch, history, position inside an
+epoch, restart attempt, last checkpoint): :func:`run_epoch` runs the batches of one
+epoch, :func:`after_epoch` checks health, restarts, validates and saves.
+
 Checkpoints: ``checkpoint.pt`` (the latest) is rewritten at the end of every epoch;
 ``checkpoint_epochNNNN.pt`` is kept at epoch 1, every ``val_interval`` epochs and at
 the last epoch. Every write is atomic, so a killed run loses at most the epoch in
@@ -19,7 +23,7 @@ continues at the saved position. Batches are shuffled with a generator seeded by
 uninterrupted one and ends with the same weights.
 
 Restarts (config ``restarts``): after every epoch a probe of training pairs is checked
-for a collapse (see :func:`collapse`); training then starts again from epoch 1 with the
+for a collapse (see :func:`.health.collapse`); training then starts again from epoch 1 with the
 weights and batch order of seed + 1000·k, exactly as a run with that ``--seed``. The
 attempt is saved in checkpoints, so ``--resume`` continues the right one.
 
@@ -42,31 +46,31 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import report
+from .. import layout, report
 from ..config import Config
 from ..data import PairSet
 from ..errors import IstnError
 from ..io import write_text
-from ..losses import needs_seg, training_loss
+from ..losses import needs_seg
 from ..metrics import mean_metrics
-from . import distributed
-from .evaluate import evaluate
-from .model import (
-    CHECKPOINT,
-    Model,
+from . import distributed, health
+from .checkpoint import (
     describe_mismatch,
     load_weights,
     read_checkpoint,
     save_checkpoint,
-    scaling_from,
     write_model_info,
 )
+from .evaluate import evaluate
+from .health import COLLAPSE_EPOCH, collapse, dead_layers, param_spread  # noqa: F401
+from .model import Model, scaling_from
 
 # Config keys that may change when resuming (they do not change what was learnt so far).
 RESUMABLE_KEYS = ("epochs", "val_interval", "learning_rate", "refine", "refine_mode",
@@ -76,10 +80,6 @@ RESUMABLE_KEYS = ("epochs", "val_interval", "learning_rate", "refine", "refine_m
 RESTART_SEED_STEP = 1000
 # Training pairs on which a collapse is looked for after every epoch (see ``collapse``).
 PROBE_PAIRS = 16
-COLLAPSE_EPOCH = 10
-# Relative spread of the pairs' parameters (``param_spread``) at or below which the STN
-# counts as giving every pair the same transformation.
-SAME_TRANSFORMATION = 1e-7
 
 
 class TrainingInterrupted(IstnError):
@@ -124,21 +124,71 @@ class _StopRequest:
         self._restore()
 
 
+
+
+@dataclass
+class Position:
+    """Where an interrupted epoch stopped: batches done and that epoch's partial sums."""
+
+    batch: int
+    sums: dict[str, torch.Tensor]
+    count: int
+    seconds: float
+
+
+@dataclass
+class TrainState:
+    """Everything a training carries from one epoch to the next (and into checkpoints)."""
+
+    epoch: int = 1  # the epoch to run next
+    history: list[dict[str, Any]] = field(default_factory=list)
+    position: Position | None = None  # inside ``epoch``, after an interrupted run
+    attempt: int = 0  # restarts so far (config 'restarts')
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    saved: str = "none"  # the last checkpoint written or loaded, for error messages
+
+
+@dataclass
+class _Run:
+    """What the steps of one training share (fixed, but the optimiser after a restart)."""
+
+    model: Model
+    step: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    train_set: PairSet
+    val_set: PairSet | None
+    out: Path
+    device: torch.device
+    seed: int
+    save_temp: bool
+    d: distributed.Dist
+    probe: dict[str, torch.Tensor | None]
+    writer: Any = None
+    bar: Any = None
+    stop: Any = None
+
+    @property
+    def model_dir(self) -> Path:
+        return layout.model_dir(self.out)
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.train_set) / self.model.cfg.batch_size)
+
+
+@dataclass
+class EpochResult:
+    """Loss sums over an epoch's pairs, their count, seconds and the stop request."""
+
+    sums: dict[str, torch.Tensor]
+    count: int
+    seconds: float
+    stopping: bool
+
+
 def _batch(ps: PairSet, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | None]:
     get = lambda t: t[idx].to(device, non_blocking=True) if t is not None else None  # noqa: E731
     return {k: get(getattr(ps, k)) for k in ("src", "trg", "src_seg", "trg_seg")}
-
-
-class _Step(torch.nn.Module):
-    """ITN + STN as one module returning the batch loss, for DistributedDataParallel."""
-
-    def __init__(self, model: Model):
-        super().__init__()
-        self.model = model
-        self.nets = torch.nn.ModuleList([n for n in (model.itn, model.stn) if n is not None])
-
-    def forward(self, b: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return step_loss(self.model, b, self.model.cfg.smoothness)
 
 
 class _NullWriter:
@@ -170,18 +220,28 @@ def _local_part(idx: torch.Tensor, d: distributed.Dist) -> tuple[torch.Tensor, f
     return local, len(local) * d.world / len(idx)
 
 
-def step_loss(model: Model, b: dict, smoothness: float = 0.0
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward one batch and return the strategy's loss and its terms."""
-    s_p, t_p = model.primes(b["src"], b["trg"])
-    params = model.params(s_p, t_p)
-    grid = model.stn.grid(params)
-    loss, terms = training_loss(model.strategy, grid, b["src"], b["trg"], s_p, t_p,
-                                b["src_seg"], b["trg_seg"])
-    if smoothness > 0:
-        terms["smoothness"] = model.stn.transform.smoothness(params)
-        loss = loss + smoothness * terms["smoothness"]
+def step_loss(step: torch.nn.Module, b: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward one batch through a Model (or its DDP wrapper): the loss and its terms."""
+    return step(b)
+
+
+def backward_step(step: torch.nn.Module, opt: torch.optim.Optimizer, b: dict,
+                  weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of one batch (loss times ``weight``); ``opt.step()`` is the caller's.
+
+    The caller checks the loss (and exchanges it between processes) before stepping,
+    so a diverged batch never reaches the weights.
+    """
+    loss, terms = step_loss(step, b)
+    opt.zero_grad(set_to_none=True)
+    (loss * weight if weight != 1.0 else loss).backward()
     return loss, terms
+
+
+def epoch_order(n: int, run_seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled pair order of ``epoch``: a function of (seed, epoch) only, for resuming."""
+    gen = torch.Generator().manual_seed(run_seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen)
 
 
 @torch.no_grad()
@@ -190,7 +250,7 @@ def validation_loss(model: Model, ps: PairSet, device: torch.device, batch_size:
     total = 0.0
     for i in range(0, len(ps), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(ps)))
-        loss, _ = step_loss(model, _batch(ps, idx, device), model.cfg.smoothness)
+        loss, _ = model(_batch(ps, idx, device))
         total += loss.item() * len(idx)
     return total / len(ps)
 
@@ -207,204 +267,248 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     Raises :class:`TrainingInterrupted` on SIGINT/SIGTERM and IstnError when the loss
     or the weights become NaN/Inf (the last good checkpoint is kept).
     """
-    cfg = model.cfg
-    d = distributed.current()
-    torch.set_flush_denormal(True)  # denormals slow CPU training without changing results
     if needs_seg(model.strategy) and train_set.src_seg is None:
         raise IstnError(f"strategy '{model.strategy}' needs training segmentations: "
                         "give --train_seg")
-    n, bs = len(train_set), cfg.batch_size
-    n_batches = math.ceil(n / bs)
-    model_dir = out / "train" / "model"
+    torch.set_flush_denormal(True)  # denormals slow CPU training without changing results
+    try:
+        run, state = _setup(model, train_set, val_set, out, device, seed, resume, save_temp)
+        _loop(run, state, progress)
+    finally:
+        torch.set_flush_denormal(False)  # leave the process as found (the default is off)
+    if run.d.main:
+        _write_history(run, state)
+        report.loss_curve(state.history, layout.loss_curve(out))
+    distributed.barrier(run.d)  # the model is written before any process goes on to test it
+    if run.stop.signum is not None:  # the request came during the last epoch: training is done
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(run.stop.signum).name} after training all "
+            f"{model.cfg.epochs} epochs; the model is in '{run.model_dir}'",
+            128 + run.stop.signum)
+    return run.model_dir
+
+
+def _setup(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
+           device: torch.device, seed: int, resume: bool, save_temp: bool
+           ) -> tuple[_Run, TrainState]:
+    """The shared objects of a training, and its state (fresh or resumed)."""
+    d = distributed.current()
     model.to(device)
-    step: torch.nn.Module = _Step(model)
+    step: torch.nn.Module = model
     if d.active:  # broadcasts rank 0's weights, then averages gradients in backward()
+        # buffers (grids, bases, network scaling) are computed alike on every process
         step = torch.nn.parallel.DistributedDataParallel(
-            step, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    start, history, position, attempt, restarts = 1, [], None, 0, []
-    saved = "none"  # the last checkpoint written or loaded, for error messages
-    if resume and (model_dir / CHECKPOINT).is_file():
-        start, history, position, attempt, restarts = _resume(model, opt, model_dir, seed, n,
-                                                              n_batches)
-        saved = (f"'{model_dir / CHECKPOINT}' (epoch {start}, batch {position[0]})" if position
-                 else f"'{model_dir / CHECKPOINT}' (epoch {start - 1})")
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    opt = torch.optim.Adam(model.parameters(), lr=model.cfg.learning_rate)
+    probe = _batch(train_set, torch.arange(min(len(train_set), PROBE_PAIRS)), device)
+    run = _Run(model, step, opt, train_set, val_set, out, device, seed, save_temp, d, probe)
+    if resume and layout.checkpoint(run.model_dir).is_file():
+        state = _resume(run)
     else:
+        state = TrainState()
         model.scaling = (scaling_from(train_set.src, train_set.trg, train_set.src_seg,
                                       train_set.trg_seg)
-                         if cfg.network_scaling == "auto" else None)
-    probe = _batch(train_set, torch.arange(min(n, PROBE_PAIRS)), device)
+                         if model.cfg.network_scaling == "auto" else None)
     if d.main:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        write_model_info(model, model_dir)
+        run.model_dir.mkdir(parents=True, exist_ok=True)
+        write_model_info(model, run.model_dir)
+    return run, state
 
-    def save(path: Path, done: int, batch: int = 0, partial: dict | None = None) -> None:
-        nonlocal saved
-        if not d.main:
-            return
-        extra: dict[str, Any] = {"history": json.dumps(history), "seed": seed, "pairs": n,
-                                 "attempt": attempt, "restarts": json.dumps(restarts)}
-        if batch:
-            extra.update(batch=batch, partial=partial)
-        save_checkpoint(model, path, opt, done, extra)
-        saved = (f"'{model_dir / CHECKPOINT}' (epoch {done + 1}, batch {batch})" if batch
-                 else f"'{model_dir / CHECKPOINT}' (epoch {done})")
 
-    writer = report.tensorboard_writer(out / "tensorboard") if d.main else _NullWriter()
-    bar = tqdm(desc="train", disable=not (progress and d.main), initial=start - 1,
-               total=cfg.epochs)
+def _loop(run: _Run, state: TrainState, progress: bool) -> None:
+    """Epochs until the last one, with the stop request installed and the logs open."""
+    cfg = run.model.cfg
+    run.writer = (report.tensorboard_writer(layout.tensorboard_dir(run.out)) if run.d.main
+                  else _NullWriter())
+    run.bar = tqdm(desc="train", disable=not (progress and run.d.main),
+                   initial=state.epoch - 1, total=cfg.epochs)
     try:
         with _StopRequest() as stop:
-            epoch = start
-            while epoch <= cfg.epochs:
-                model.train(True)
-                run_seed = seed + attempt * RESTART_SEED_STEP
-                gen = torch.Generator().manual_seed(run_seed * 100_003 + epoch)
-                order = torch.randperm(n, generator=gen)
-                first, sums, count, before = 0, {}, 0, 0.0
-                if position is not None and epoch == start:
-                    first, sums, count, before = position
-                t0 = time.perf_counter()
-                stopping = False
-                for b in range(first, n_batches):
-                    idx, weight = _local_part(order[b * bs:(b + 1) * bs], d)
-                    loss, terms = step(_batch(train_set, idx, device))
-                    opt.zero_grad(set_to_none=True)
-                    (loss * weight if weight != 1.0 else loss).backward()
-                    # batch sums of every logged value (over all processes), the batch
-                    # size and the stop request, in one exchange
-                    named = {"loss": loss, **terms}
-                    n_local = len(idx) * (weight > 0)
-                    stats = torch.stack([v.detach().float() * n_local for v in named.values()]
-                                        + [loss.new_tensor(n_local),
-                                           loss.new_tensor(stop.signum is not None)])
-                    stats = distributed.all_sum(stats, d)
-                    if not torch.isfinite(stats[0]):
-                        raise _diverged(f"the loss became {(stats[0] / stats[-2]).item()}",
-                                        epoch, b + 1, n_batches, saved)
-                    opt.step()
-                    for k, v in zip(named, stats, strict=False):
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += int(stats[-2])
-                    stopping = bool(stats[-1] > 0)
-                    if stopping and stop.signum is None:  # another process was asked
-                        stop.signum = signal.SIGTERM
-                    if stopping and b + 1 < n_batches:
-                        _check_finite(model, epoch, b + 1, n_batches, saved)
-                        save(model_dir / CHECKPOINT, epoch - 1, b + 1,
-                             {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count,
-                              "seconds": before + time.perf_counter() - t0})
-                        raise _interrupted(stop.signum, epoch, b + 1, n_batches, model_dir)
-                _check_finite(model, epoch, n_batches, n_batches, saved)
-                why = collapse(model, probe["src"], probe["trg"], epoch) \
-                    if attempt < cfg.restarts else None
-                if why:
-                    attempt += 1
-                    restarts.append({"epoch": epoch, "reason": why,
-                                     "seed": seed + attempt * RESTART_SEED_STEP})
-                    if d.main:
-                        tqdm.write(f"istn: warning: epoch {epoch}: {why}; restart {attempt} of "
-                                   f"{cfg.restarts} from a fresh initialisation (seed "
-                                   f"{restarts[-1]['seed']})", file=sys.stderr)
-                    reinitialise(model, restarts[-1]["seed"])
-                    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-                    if d.main:  # the failed attempt's kept checkpoints
-                        for old in model_dir.glob("checkpoint_epoch*.pt"):
-                            old.unlink(missing_ok=True)
-                    history, epoch, position = [], 1, None
-                    bar.reset()
-                    continue
-                row = {"epoch": epoch, "seed": run_seed,
-                       "seconds": before + time.perf_counter() - t0}
-                row.update({f"train_{k}": float(v) / count for k, v in sums.items()})
-                for k, v in row.items():
-                    if k.startswith("train_"):
-                        writer.add_scalar(f"train/{k[6:]}", v, epoch)
-                writer.add_scalar("train/seconds_per_epoch", row["seconds"], epoch)
-                bar.set_postfix(loss=f"{row['train_loss']:.4g}")
-                keep = epoch == 1 or epoch % cfg.val_interval == 0 or epoch == cfg.epochs
-                if keep and d.main and val_set is not None and len(val_set):
-                    # before COLLAPSE_EPOCH a slow start looks like a collapse; a real one
-                    # restarts training on its own while restarts remain
-                    warn = attempt >= cfg.restarts or epoch >= COLLAPSE_EPOCH
-                    row.update(_validate(model, val_set, device, writer, epoch, out, save_temp,
-                                         warn))
-                    model.train(True)
-                history.append(row)
-                if keep:
-                    save(model_dir / f"checkpoint_epoch{epoch:04d}.pt", epoch)
-                save(model_dir / CHECKPOINT, epoch)
-                if d.main:
-                    write_text(json.dumps(history, indent=1) + "\n",
-                               out / "train" / "history.json")
-                # several processes stop together, at a batch exchange (above)
-                asked = stopping if d.active else stop.signum is not None
-                if asked and epoch < cfg.epochs:
-                    raise _interrupted(stop.signum, epoch + 1, 0, n_batches, model_dir)
-                bar.update()
-                epoch += 1
+            run.stop = stop
+            while state.epoch <= cfg.epochs:
+                after_epoch(run, state, run_epoch(run, state))
     finally:
-        bar.close()
-        writer.close()
-        torch.set_flush_denormal(False)  # leave the process as found (the default is off)
-    if d.main:
-        write_text(json.dumps(history, indent=1) + "\n", out / "train" / "history.json")
-        report.loss_curve(history, out / "train" / "loss_curve.png")
-    distributed.barrier(d)  # the model is written before any process goes on to test it
-    if stop.signum is not None:  # the request came during the last epoch: training is done
-        raise TrainingInterrupted(
-            f"stopped by {signal.Signals(stop.signum).name} after training all {cfg.epochs} "
-            f"epochs; the model is in '{model_dir}'", 128 + stop.signum)
-    return model_dir
+        run.bar.close()
+        run.writer.close()
 
 
-def _resume(model: Model, opt: torch.optim.Optimizer, model_dir: Path, seed: int, n: int,
-            n_batches: int) -> tuple[int, list, tuple | None, int, list]:
-    """Load ``checkpoint.pt`` for resuming.
+def run_epoch(run: _Run, state: TrainState) -> EpochResult:
+    """The batches of ``state.epoch`` (from ``state.position`` after an interruption).
 
-    Returns (first epoch, history, position, restart attempt, restart records).
+    Every process takes its share of each global batch; the logged sums, batch size
+    and stop request are exchanged in one all-reduce per batch. On a stop request the
+    position is saved and :class:`TrainingInterrupted` raised.
     """
-    path = model_dir / CHECKPOINT
+    model, d, bs, n_batches = run.model, run.d, run.model.cfg.batch_size, run.n_batches
+    model.train(True)
+    order = epoch_order(len(run.train_set), run.seed + state.attempt * RESTART_SEED_STEP,
+                        state.epoch)
+    pos = state.position or Position(0, {}, 0, 0.0)
+    sums, count, t0, stopping = dict(pos.sums), pos.count, time.perf_counter(), False
+    for b in range(pos.batch, n_batches):
+        idx, weight = _local_part(order[b * bs:(b + 1) * bs], d)
+        loss, terms = backward_step(run.step, run.opt, _batch(run.train_set, idx, run.device),
+                                    weight)
+        named = {"loss": loss, **terms}
+        n_local = len(idx) * (weight > 0)
+        stats = torch.stack([v.detach().float() * n_local for v in named.values()]
+                            + [loss.new_tensor(n_local),
+                               loss.new_tensor(run.stop.signum is not None)])
+        stats = distributed.all_sum(stats, d)
+        if not torch.isfinite(stats[0]):
+            raise _diverged(f"the loss became {(stats[0] / stats[-2]).item()}",
+                            state.epoch, b + 1, n_batches, state.saved)
+        run.opt.step()
+        for k, v in zip(named, stats, strict=False):
+            sums[k] = sums.get(k, 0.0) + v
+        count += int(stats[-2])
+        stopping = bool(stats[-1] > 0)
+        if stopping and run.stop.signum is None:  # another process was asked
+            run.stop.signum = signal.SIGTERM
+        if stopping and b + 1 < n_batches:
+            _check_finite(model, state.epoch, b + 1, n_batches, state.saved)
+            seconds = pos.seconds + time.perf_counter() - t0
+            _save(run, state, layout.checkpoint(run.model_dir), state.epoch - 1,
+                  Position(b + 1, {k: v.cpu() for k, v in sums.items()}, count, seconds))
+            raise _interrupted(run.stop.signum, state.epoch, b + 1, n_batches, run.model_dir)
+    return EpochResult(sums, count, pos.seconds + time.perf_counter() - t0, stopping)
+
+
+def after_epoch(run: _Run, state: TrainState, res: EpochResult) -> None:
+    """Health check (restart), history, validation, checkpoints; then the next epoch."""
+    cfg, epoch = run.model.cfg, state.epoch
+    _check_finite(run.model, epoch, run.n_batches, run.n_batches, state.saved)
+    why = (collapse(run.model, run.probe["src"], run.probe["trg"], epoch)
+           if state.attempt < cfg.restarts else None)
+    if why:
+        _restart(run, state, why)
+        return
+    row = {"epoch": epoch, "seed": run.seed + state.attempt * RESTART_SEED_STEP,
+           "seconds": res.seconds}
+    row.update({f"train_{k}": float(v) / res.count for k, v in res.sums.items()})
+    for k, v in row.items():
+        if k.startswith("train_"):
+            run.writer.add_scalar(f"train/{k[6:]}", v, epoch)
+    run.writer.add_scalar("train/seconds_per_epoch", row["seconds"], epoch)
+    run.bar.set_postfix(loss=f"{row['train_loss']:.4g}")
+    keep = epoch == 1 or epoch % cfg.val_interval == 0 or epoch == cfg.epochs
+    if keep and run.d.main and run.val_set is not None and len(run.val_set):
+        # before COLLAPSE_EPOCH a slow start looks like a collapse; a real one restarts
+        # training on its own while restarts remain
+        row.update(_validate(run, epoch, state.attempt >= cfg.restarts or
+                             epoch >= COLLAPSE_EPOCH))
+        run.model.train(True)
+    state.history.append(row)
+    state.position = None
+    if keep:
+        _save(run, state, layout.epoch_checkpoint(run.model_dir, epoch), epoch)
+    _save(run, state, layout.checkpoint(run.model_dir), epoch)
+    if run.d.main:
+        _write_history(run, state)
+    # several processes stop together, at a batch exchange (run_epoch)
+    asked = res.stopping if run.d.active else run.stop.signum is not None
+    if asked and epoch < cfg.epochs:
+        raise _interrupted(run.stop.signum, epoch + 1, 0, run.n_batches, run.model_dir)
+    run.bar.update()
+    state.epoch += 1
+
+
+def _restart(run: _Run, state: TrainState, why: str) -> None:
+    """Start again from epoch 1 with the initialisation and batch order of the next seed."""
+    cfg = run.model.cfg
+    state.attempt += 1
+    state.restarts.append({"epoch": state.epoch, "reason": why,
+                           "seed": run.seed + state.attempt * RESTART_SEED_STEP})
+    if run.d.main:
+        tqdm.write(f"istn: warning: epoch {state.epoch}: {why}; restart {state.attempt} of "
+                   f"{cfg.restarts} from a fresh initialisation (seed "
+                   f"{state.restarts[-1]['seed']})", file=sys.stderr)
+    reinitialise(run.model, state.restarts[-1]["seed"])
+    run.opt = torch.optim.Adam(run.model.parameters(), lr=cfg.learning_rate)
+    if run.d.main:  # the failed attempt's kept checkpoints
+        for old in run.model_dir.glob(layout.EPOCH_CHECKPOINTS):
+            old.unlink(missing_ok=True)
+    state.history, state.epoch, state.position = [], 1, None
+    run.bar.reset()
+
+
+def _save(run: _Run, state: TrainState, path: Path, done: int,
+          position: Position | None = None) -> None:
+    """Checkpoint after ``done`` completed epochs (and ``position`` batches into the next)."""
+    if not run.d.main:
+        return
+    extra: dict[str, Any] = {"history": json.dumps(state.history), "seed": run.seed,
+                             "pairs": len(run.train_set), "attempt": state.attempt,
+                             "restarts": json.dumps(state.restarts)}
+    if position is not None:
+        extra.update(batch=position.batch, partial={"sums": position.sums,
+                                                    "count": position.count,
+                                                    "seconds": position.seconds})
+    save_checkpoint(run.model, path, run.opt, done, extra)
+    ckpt = layout.checkpoint(run.model_dir)
+    state.saved = (f"'{ckpt}' (epoch {done + 1}, batch {position.batch})" if position
+                   else f"'{ckpt}' (epoch {done})")
+
+
+def _write_history(run: _Run, state: TrainState) -> None:
+    write_text(json.dumps(state.history, indent=1) + "\n", layout.history(run.out))
+
+
+def _resume(run: _Run) -> TrainState:
+    """The state saved in ``checkpoint.pt``, after checking it fits this training."""
+    path = layout.checkpoint(run.model_dir)
+    model = run.model
     state = read_checkpoint(path)
     extra = state["extra"]
     fixed = tuple(k for k in Config.__dataclass_fields__ if k not in RESUMABLE_KEYS)
     diffs = describe_mismatch(state["meta"], model.strategy, model.transformation, model.cfg,
                               keys=fixed)
-    if extra.get("seed", seed) != seed:
-        diffs.append(f"--seed {extra['seed']} (asked: {seed})")
-    if extra.get("pairs", n) != n:
-        diffs.append(f"{extra['pairs']} training pairs (given: {n})")
+    if extra.get("seed", run.seed) != run.seed:
+        diffs.append(f"--seed {extra['seed']} (asked: {run.seed})")
+    if extra.get("pairs", len(run.train_set)) != len(run.train_set):
+        diffs.append(f"{extra['pairs']} training pairs (given: {len(run.train_set)})")
     if diffs:
         raise IstnError(f"--resume: checkpoint '{path}' was trained with {'; '.join(diffs)}; "
                         "resume with the same data, seed and options (only epochs, "
                         "val_interval, learning_rate, restarts and refine settings may change) "
                         "or start a new --out")
     try:
-        load_weights(model, state, str(path))
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:
-            group["lr"] = model.cfg.learning_rate
-        torch.set_rng_state(state["rng"])
-        history = json.loads(extra.get("history", "[]"))
-        attempt = int(extra.get("attempt", 0))
-        restarts = json.loads(extra.get("restarts", "[]"))
-        position = None
-        batch = extra.get("batch", 0)
-        if batch:
-            partial = extra["partial"]
-            if not 0 < batch < n_batches:
-                raise ValueError(f"batch {batch} outside 1..{n_batches - 1}")
-            position = (int(batch), dict(partial["sums"]), int(partial["count"]),
-                        float(partial["seconds"]))
+        ts = _restore(run, state)
     except IstnError:
         raise
     except Exception as e:  # damaged or hand-edited checkpoint
         raise IstnError(f"--resume: checkpoint '{path}' cannot be resumed from "
                         f"({type(e).__name__}: {_first_line(e)}); "
                         "start a new --out or use --overwrite") from None
-    for stale in model_dir.glob(".checkpoint*.pt"):  # temporary files of a killed run
+    for stale in run.model_dir.glob(layout.TEMP_CHECKPOINTS):  # temporary files of a killed run
         stale.unlink(missing_ok=True)
-    return int(state["epoch"]) + 1, history, position, attempt, restarts
+    return ts
+
+
+def _restore(run: _Run, state: dict[str, Any]) -> TrainState:
+    """Weights, Adam and RNG state into the run; the TrainState of the checkpoint."""
+    path = layout.checkpoint(run.model_dir)
+    load_weights(run.model, state, str(path))
+    run.opt.load_state_dict(state["optimizer"])
+    for group in run.opt.param_groups:
+        group["lr"] = run.model.cfg.learning_rate
+    torch.set_rng_state(state["rng"])
+    extra = state["extra"]
+    ts = TrainState(epoch=int(state["epoch"]) + 1,
+                    history=json.loads(extra.get("history", "[]")),
+                    attempt=int(extra.get("attempt", 0)),
+                    restarts=json.loads(extra.get("restarts", "[]")))
+    batch = extra.get("batch", 0)
+    if batch:
+        partial = extra["partial"]
+        if not 0 < batch < run.n_batches:
+            raise ValueError(f"batch {batch} outside 1..{run.n_batches - 1}")
+        ts.position = Position(int(batch), dict(partial["sums"]), int(partial["count"]),
+                               float(partial["seconds"]))
+    ts.saved = (f"'{path}' (epoch {ts.epoch}, batch {batch})" if batch
+                else f"'{path}' (epoch {ts.epoch - 1})")
+    return ts
 
 
 def _first_line(e: BaseException) -> str:
@@ -432,82 +536,8 @@ def _interrupted(signum: int, epoch: int, batch: int, n_batches: int,
              else f"the end of epoch {epoch - 1}")
     return TrainingInterrupted(
         f"training stopped by {signal.Signals(signum).name} at {where}; checkpoint saved in "
-        f"'{model_dir / CHECKPOINT}'", 128 + signum,
+        f"'{layout.checkpoint(model_dir)}'", 128 + signum,
         "; to continue, run the same command with --resume (without --overwrite)")
-
-
-def param_spread(params: torch.Tensor) -> float:
-    """Largest difference between pairs' parameters, relative to 1 + their size (inf: one pair).
-
-    About 1e-9 when the STN has collapsed to one transformation for all pairs (only
-    round-off differs); 1e-6 and more in trainings that went on to learn.
-    """
-    if len(params) < 2:
-        return 0.0 if len(params) == 0 else float("inf")
-    flat = params.flatten(1).double()
-    return float((flat - flat[0]).abs().max() / (1 + flat.abs().max()))
-
-
-@torch.no_grad()
-def dead_layers(model: Model, src: torch.Tensor, trg: torch.Tensor) -> list[str]:
-    """ReLU layers of the ITN and STN whose output is zero for every voxel of every pair.
-
-    Such a layer passes no gradient any more, so training cannot revive it: a dead ITN
-    layer on its decoder path makes S' the same for every image, a dead STN layer makes
-    the STN predict one transformation for every pair. Both happen with the published
-    networks in some trainings (their narrowest layers have two and eight channels).
-    Names are 'itn.<conv>' (the convolution before the ReLU) or 'stn.<ReLU module>'.
-    """
-    return _probe(model, src, trg)[0]
-
-
-@torch.no_grad()
-def _probe(model: Model, src: torch.Tensor, trg: torch.Tensor
-           ) -> tuple[list[str], torch.Tensor]:
-    """(dead ReLU layers, predicted parameters) of the pairs, in one forward pass."""
-    alive: dict[str, bool] = {}
-
-    def hook(name):
-        return lambda module, args, out: alive.__setitem__(
-            name, alive.get(name, False) or bool((out > 0).any()))
-
-    watched = ([(f"itn.{name}", getattr(model.itn, name)) for name in model.itn.RELU_LAYERS]
-               if model.itn is not None else [])
-    watched += [(f"stn.{name}", m) for name, m in model.stn.named_modules()
-                if isinstance(m, torch.nn.ReLU)]
-    hooks = [m.register_forward_hook(hook(name)) for name, m in watched]
-    was_training = model.stn.training
-    model.train(False)
-    params = []
-    try:
-        for i in range(0, len(src), 16):
-            params.append(model.params(*model.primes(src[i:i + 16], trg[i:i + 16])))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return [name for name, _ in watched if not alive.get(name, False)], torch.cat(params)
-
-
-def collapse(model: Model, src: torch.Tensor, trg: torch.Tensor, epoch: int) -> str | None:
-    """Why training of ``model`` cannot succeed any more, judged on training pairs, or None.
-
-    Two states seen with the published networks: a dead ReLU layer (it passes no
-    gradient, so training cannot revive it), and, from epoch ``COLLAPSE_EPOCH`` on, an
-    STN that still gives every pair the same transformation (relative spread <= 1e-7;
-    such runs learnt late and ended far worse, while runs that trained well had spreads
-    of 1e-3 and more by epoch 10). No labels are used.
-    """
-    dead, params = _probe(model, src, trg)
-    if dead:
-        return (f"layer(s) {', '.join(dead)} output zero for all {len(src)} probed training "
-                "pairs (dead ReLUs)")
-    if epoch >= COLLAPSE_EPOCH and len(src) > 1:
-        spread = param_spread(params)
-        if spread <= SAME_TRANSFORMATION:
-            return (f"the STN gives all {len(src)} probed training pairs the same "
-                    f"transformation (relative spread {spread:.1g})")
-    return None
 
 
 def reinitialise(model: Model, seed: int) -> None:
@@ -517,7 +547,7 @@ def reinitialise(model: Model, seed: int) -> None:
     but wrappers (DistributedDataParallel) keep working; every process draws the same.
     """
     torch.manual_seed(seed)
-    fresh = Model.build(model.cfg, model.strategy, model.transformation)
+    fresh = Model(model.cfg, model.strategy, model.transformation)
     with torch.no_grad():
         for net, new in ((model.itn, fresh.itn), (model.stn, fresh.stn)):
             if net is not None:
@@ -525,29 +555,24 @@ def reinitialise(model: Model, seed: int) -> None:
                     p.copy_(q)
 
 
-def _validate(model: Model, val_set: PairSet, device, writer, epoch: int, out: Path,
-              save_temp: bool, warn: bool = True) -> dict[str, float]:
+def _validate(run: _Run, epoch: int, warn: bool = True) -> dict[str, float]:
+    """Validation loss and metrics (no refinement), TensorBoard panel, health warning."""
+    model, val_set, device = run.model, run.val_set, run.device
     row = {"val_loss": validation_loss(model, val_set, device, model.cfg.batch_size)}
-    res = evaluate(model, val_set, device, refine_iters=0, progress=False)
-    dead = dead_layers(model, val_set.src.to(device), val_set.trg.to(device))
-    spread = param_spread(res["warped"].params)
-    collapsed = bool(dead) or spread <= SAME_TRANSFORMATION
-    if collapsed:
+    res = evaluate(model, val_set, device, progress=False)
+    message = health.warning(health.probe(model, val_set.src.to(device),
+                                          val_set.trg.to(device)))
+    if message is not None:
         row["val_stn_collapsed"] = 1.0
-    if warn and collapsed:
-        why = (f"layer(s) {', '.join(dead)} output zero for every pair (dead ReLUs)" if dead
-               else f"its outputs differ by at most {spread:.1g} between pairs")
-        tqdm.write(f"istn: warning: epoch {epoch}: the STN gives all {len(val_set)} validation "
-                   f"pairs the same transformation: {why}; trainings in this state did not "
-                   "recover or learnt late in our runs: retrain with another --seed (or allow "
-                   "'restarts')", file=sys.stderr)
-    for k, v in mean_metrics(res["before_refinement"]).items():
+        if warn:
+            tqdm.write(f"istn: warning: epoch {epoch}: {message}", file=sys.stderr)
+    for k, v in mean_metrics(res.before_refinement).items():
         if v is not None:
             row[f"val_{k}"] = v
     for k, v in row.items():
-        writer.add_scalar(f"val/{k[4:]}", v, epoch)
+        run.writer.add_scalar(f"val/{k[4:]}", v, epoch)
     panel = report.panel_tensor(val_set, res, 0)
-    writer.add_image("val/pair0", panel, epoch, dataformats="HW")
-    if save_temp:
-        report.pair_grid(val_set, res, out / "train" / "temp" / f"val_epoch{epoch:04d}.png")
+    run.writer.add_image("val/pair0", panel, epoch, dataformats="HW")
+    if run.save_temp:
+        report.pair_grid(val_set, res, layout.val_picture(run.out, epoch))
     return row

@@ -1,6 +1,6 @@
 """The ITN and STN networks (one implementation for 2D and 3D)."""
 
 from .itn import ITN
-from .stn import STN, AffineSTN, BSplineSTN, build_stn, min_stn_size
+from .stn import STN, build_stn, min_stn_size
 
-__all__ = ["ITN", "STN", "AffineSTN", "BSplineSTN", "build_stn", "min_stn_size"]
+__all__ = ["ITN", "STN", "build_stn", "min_stn_size"]

@@ -7,11 +7,15 @@ normalised coordinates, i.e. it is the sampling matrix of ``F.affine_grid``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import Transformation, register_transformation
 from .grid import ALIGN_CORNERS
 
 
@@ -77,15 +81,29 @@ def affine_matrix(
     return sh @ scale @ sh.transpose(-1, -2) @ rot @ trans
 
 
-class AffineModel(torch.nn.Module):
-    """Affine transformation: parameters are the sampling matrices theta [B, dim, dim+1]."""
+@register_transformation("affine")
+class AffineModel(Transformation):
+    """Affine transformation: parameters are the sampling matrices theta [B, dim, dim+1].
 
-    kind = "affine"
+    The STN head (as published): FC 32 + ReLU, then four zero-initialised linear heads
+    (identity at start): translation ``tanh(h) * max_translation`` (normalised units),
+    rotation ``tanh(h) * max_rotation`` (3D: Rz Rx Rz), scaling
+    ``exp(tanh(h) * max_scaling)``, shearing ``tanh(h) * max_shearing`` used as a
+    rotation Sh; matrix Sh·Scale·Shᵀ·Rot·Trans.
+    """
 
-    def __init__(self, shape: Sequence[int]):
-        super().__init__()
-        self.shape = tuple(shape)
-        self.dim = len(self.shape)
+    options: ClassVar[dict[str, str]] = {
+        "max_translation": "max_translation", "max_rotation": "max_rotation",
+        "max_scaling": "max_scaling", "max_shearing": "max_shearing"}
+
+    def __init__(self, shape: Sequence[int], max_translation: float = 0.1,
+                 max_rotation: float = math.pi / 4, max_scaling: float = 0.2,
+                 max_shearing: float = math.pi / 4):
+        super().__init__(shape)
+        self.bounds = (max_translation, max_rotation, max_scaling, max_shearing)
+
+    def head(self, features: int) -> nn.Module:
+        return AffineHead(features, self.dim, self.bounds)
 
     def grid(self, theta: torch.Tensor) -> torch.Tensor:
         """Sampling grid [B, *shape, dim] (target -> source, normalised coordinates)."""
@@ -106,5 +124,34 @@ class AffineModel(torch.nn.Module):
         """[B, dim, dim+1] -> [B, dim+1, dim+1]."""
         return _homogeneous(theta[..., :-1], theta[..., -1])
 
-    def smoothness(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta.new_zeros(())
+    def linear_matrix(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta
+
+
+class AffineHead(nn.Module):
+    """Encoder features [B, F] -> sampling matrices [B, dim, dim+1] (see ``AffineModel``)."""
+
+    def __init__(self, features: int, dim: int, bounds: tuple[float, float, float, float]):
+        super().__init__()
+        self.dim = dim
+        self.fc = nn.Sequential(nn.Linear(features, 32), nn.ReLU())
+        n_angles = 1 if dim == 2 else 3
+        self.translation = nn.Linear(32, dim)
+        self.rotation = nn.Linear(32, n_angles)
+        self.scaling = nn.Linear(32, dim)
+        self.shearing = nn.Linear(32, n_angles)
+        for head in (self.translation, self.rotation, self.scaling, self.shearing):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.bounds = bounds
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = self.fc(features)
+        bt, br, bs, bsh = self.bounds
+        a = affine_matrix(
+            torch.tanh(self.translation(h)) * bt,
+            torch.tanh(self.rotation(h)) * br,
+            torch.exp(torch.tanh(self.scaling(h)) * bs),
+            torch.tanh(self.shearing(h)) * bsh,
+        )
+        return a[:, : self.dim, :]

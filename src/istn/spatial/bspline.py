@@ -15,9 +15,12 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
+import torch.nn as nn
 
+from .base import Transformation, register_transformation
 from .grid import identity_grid, normalised_to_index
 
 
@@ -60,26 +63,37 @@ def _einsum_points(dim: int) -> str:
     return f"bc{cp}," + ",".join(f"bn{c}" for c in cp) + "->bnc"
 
 
-class BSplineModel(torch.nn.Module):
+@register_transformation("bspline")
+class BSplineModel(Transformation):
     """Cubic B-spline FFD on an image grid: parameters are control-point displacements.
 
     ``params`` has shape [B, dim, *control_shape] (channels x, y[, z]; normalised units).
+    The STN head (as published) is one fully connected layer from the encoder features
+    to all displacements, ``tanh(h) * max_displacement``, with PyTorch's default
+    (random) initialisation; ``zero_init=True`` starts at the identity instead.
     """
 
-    kind = "bspline"
+    options: ClassVar[dict[str, str]] = {
+        "spacing": "bspline_spacing", "max_displacement": "max_displacement",
+        "zero_init": "bspline_zero_init"}
 
-    def __init__(self, shape: Sequence[int], spacing: int | Sequence[int] = 10):
-        super().__init__()
-        self.shape = tuple(int(n) for n in shape)
-        self.dim = len(self.shape)
+    def __init__(self, shape: Sequence[int], spacing: int | Sequence[int] = 10,
+                 max_displacement: float = 0.2, zero_init: bool = False):
+        super().__init__(shape)
         sp = [spacing] * self.dim if isinstance(spacing, int | float) else list(spacing)
         self.spacing = tuple(float(s) for s in sp)  # array order (z, y, x)
         self.control_shape = control_grid_shape(self.shape, self.spacing)
+        self.max_displacement = max_displacement
+        self.zero_init = zero_init
         axes = zip(self.shape, self.control_shape, self.spacing, strict=True)
         for a, (n, ncp, s) in enumerate(axes):
             pos = torch.arange(n, dtype=torch.float32)
             self.register_buffer(f"basis{a}", bspline_basis(pos, n, ncp, s), persistent=False)
         self.register_buffer("identity", identity_grid(self.shape), persistent=False)
+
+    def head(self, features: int) -> nn.Module:
+        return BSplineHead(features, (self.dim, *self.control_shape), self.max_displacement,
+                           self.zero_init)
 
     def bases(self) -> list[torch.Tensor]:
         return [getattr(self, f"basis{a}") for a in range(self.dim)]
@@ -116,8 +130,26 @@ class BSplineModel(torch.nn.Module):
             y = points - (self.map_points(params, y) - y)
         return y
 
-    def smoothness(self, params: torch.Tensor) -> torch.Tensor:
+    def regularisation(self, params: torch.Tensor) -> torch.Tensor:
         """Diffusion penalty: mean squared finite difference of the dense displacement."""
         disp = self.displacement(params)
         terms = [disp.diff(dim=2 + a).pow(2).mean() for a in range(self.dim)]
         return torch.stack(terms).sum()
+
+
+class BSplineHead(nn.Module):
+    """Encoder features [B, F] -> control-point displacements [B, *params_shape]."""
+
+    def __init__(self, features: int, params_shape: tuple[int, ...], max_displacement: float,
+                 zero_init: bool = False):
+        super().__init__()
+        self.params_shape = params_shape
+        self.linear = nn.Linear(features, math.prod(params_shape))
+        if zero_init:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+        self.max_displacement = max_displacement
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.linear(features)) * self.max_displacement
+        return h.view(-1, *self.params_shape)

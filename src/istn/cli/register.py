@@ -1,4 +1,4 @@
-"""Subcommands that use a trained model or its exports: ``register``, ``apply``, ``points``."""
+"""``istn register``, ``istn apply`` and ``istn points``: use a trained model or its exports."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import IstnError
+from .. import layout
+from ..errors import IstnError
+from .common import add_command, add_options, model_dir_name, setup_device
 
 
 def add_parsers(sub) -> None:
-    r = sub.add_parser("register", help="register new pairs with a trained model; export the "
-                       "warped images and the transformation in physical space")
-    r.add_argument("--model", required=True, help="model folder (OUT/train/model)")
+    """``register``, ``apply`` and ``points``."""
+    r = add_command(sub, "register", cmd_register, "register new pairs with a trained model; "
+                    "export the warped images and the transformation in physical space")
+    r.add_argument("--model", required=True, help=f"model folder ({model_dir_name()})")
     r.add_argument("--source", help="source (moving) image")
     r.add_argument("--target", help="target (fixed) image")
     r.add_argument("--source-seg", dest="source_seg", help="source segmentation (label map)")
@@ -31,36 +34,32 @@ def add_parsers(sub) -> None:
                    help="binarise soft segmentations at this value (default: integer labels)")
     r.add_argument("--refine", type=int, default=None,
                    help="refinement iterations (default: the model's config; 0 to skip)")
-    r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--dev", "--device", dest="dev", default=None, help="device (default auto)")
-    r.add_argument("--amp", action="store_true", help="bf16 mixed precision (autocast) for the "
-                   "networks; meant for GPUs")
-    r.add_argument("--overwrite", action="store_true", help="replace previous results in --out")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_options(r, "out", "dev", "amp", "overwrite", "quiet", "debug",
+                overwrite={"help": "replace previous results in --out"})
 
-    a = sub.add_parser("apply", help="apply an exported transformation to another image")
-    a.add_argument("--transform", required=True, help="transform.tfm or displacement.nii.gz")
+    a = add_command(sub, "apply", cmd_apply, "apply an exported transformation to another "
+                    "image")
+    add_options(a, "transform")
     a.add_argument("--input", required=True, help="image to warp (in the source's space)")
     a.add_argument("--reference", required=True, help="image defining the output grid "
                    "(the target)")
-    a.add_argument("--out", required=True, help="output image file")
+    add_options(a, "out", out={"help": "output image file"})
     a.add_argument("--labels", action="store_true", help="nearest-neighbour (label maps)")
-    a.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_options(a, "debug")
 
-    p = sub.add_parser("points", help="map physical points (CSV x,y[,z]) through an exported "
-                       "transformation")
-    p.add_argument("--transform", required=True, help="transform.tfm or displacement.nii.gz")
+    p = add_command(sub, "points", cmd_points, "map physical points (CSV x,y[,z]) through an "
+                    "exported transformation")
+    add_options(p, "transform")
     p.add_argument("--points", required=True, help="CSV with header x,y[,z]")
-    p.add_argument("--out", required=True, help="output CSV")
+    add_options(p, "out", out={"help": "output CSV"})
     p.add_argument("--inverse", action="store_true",
                    help="map source points to the target (the exported transform maps target "
                    "points to the source, as ITK's TransformPoint does)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_options(p, "debug")
 
 
 def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
-    from .data import _resolve
+    from ..data import _resolve
 
     if not path.is_file():
         raise IstnError(f"pairs CSV '{path}' does not exist")
@@ -82,36 +81,41 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
         pts if any(a or b for a, b in pts) else None
 
 
-def cmd_register(args: argparse.Namespace) -> None:
-    from .cli import setup_device
-    from .engine import distributed
-    from .engine.model import load_model
-    from .engine.register import register_pairs
-    from .io import write_text
+def _inputs(args: argparse.Namespace, out: Path) -> tuple[list, list | None, list | None,
+                                                         list[Path], list[str]]:
+    """(pairs, segmentations, points, output folders, names) from --pairs or --source/--target.
 
-    out = Path(args.out)
+    With --pairs every pair gets its own folder in ``out``; one pair writes into ``out``.
+    """
     if args.pairs:
         if args.source or args.target:
             raise IstnError("give either --pairs or --source/--target, not both")
         pairs, segs, pts = _pairs_from_csv(Path(args.pairs))
-        names = [Path(s).name.split(".")[0] for s, _ in pairs]
-        names = [f"{i:04d}_{n}" for i, n in enumerate(names)]
-        dirs = [out / n for n in names]
-    else:
-        if not (args.source and args.target):
-            raise IstnError("give --source and --target (or --pairs)")
-        pairs = [(Path(args.source), Path(args.target))]
-        segs = [(_opt(args.source_seg), _opt(args.target_seg))] if (
-            args.source_seg or args.target_seg) else None
-        pts = [(_opt(args.source_points), _opt(args.target_points))] if (
-            args.source_points or args.target_points) else None
-        dirs, names = [out], ["pair"]
-    marker = out / ("metrics.csv" if args.pairs else "warped_source.nii.gz")
+        names = layout.register_pair_names([s for s, _ in pairs])
+        return pairs, segs, pts, [out / n for n in names], names
+    if not (args.source and args.target):
+        raise IstnError("give --source and --target (or --pairs)")
+    pairs = [(Path(args.source), Path(args.target))]
+    segs = [(_opt(args.source_seg), _opt(args.target_seg))] if (
+        args.source_seg or args.target_seg) else None
+    pts = [(_opt(args.source_points), _opt(args.target_points))] if (
+        args.source_points or args.target_points) else None
+    return pairs, segs, pts, [out], ["pair"]
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from ..engine import distributed
+    from ..engine.checkpoint import load_model
+    from ..engine.register import register_pairs
+    from ..io import write_text
+
+    out = Path(args.out)
+    pairs, segs, pts, dirs, names = _inputs(args, out)
+    marker = layout.register_metrics(out) if args.pairs else layout.register_file(out, "warped")
     if marker.exists() and not args.overwrite:
         raise IstnError(f"output folder '{out}' already holds results; use --overwrite")
     device = setup_device(args.dev)
-    model, _ = load_model(args.model)
-    model.amp = args.amp
+    model, _ = load_model(args.model, amp=args.amp)
     model.to(device)
     refine = model.cfg.refine if args.refine is None else args.refine
     if refine < 0:
@@ -127,9 +131,10 @@ def cmd_register(args: argparse.Namespace) -> None:
     if results is None:
         return
     if args.pairs:
-        write_text(_metrics_csv(names, results), out / "metrics.csv")
+        write_text(_metrics_csv(names, results), layout.register_metrics(out))
         procs = f" on {d.world} processes" if d.active else ""
-        print(f"registered {len(pairs)} pairs{procs}; results in '{out}' (metrics.csv)")
+        print(f"registered {len(pairs)} pairs{procs}; results in '{out}' "
+              f"({layout.register_metrics(out).name})")
     else:
         print(f"registered '{args.source}' to '{args.target}'; results in '{out}'")
 
@@ -154,8 +159,8 @@ def _metrics_csv(names: list[str], results: list[dict]) -> str:
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
-    from .export import read_transform
-    from .io import read_image, write_image
+    from ..export import read_transform
+    from ..io import read_image, write_image
 
     tx = read_transform(args.transform)
     img = read_image(args.input, "input image")
@@ -172,8 +177,8 @@ def cmd_apply(args: argparse.Namespace) -> None:
 
 
 def cmd_points(args: argparse.Namespace) -> None:
-    from .data import read_points, write_points
-    from .export import read_transform
+    from ..data import read_points, write_points
+    from ..export import read_transform
 
     tx = read_transform(args.transform)
     pts = read_points(Path(args.points), tx.GetDimension())

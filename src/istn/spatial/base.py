@@ -1,0 +1,87 @@
+"""The transformation-model protocol and its registry.
+
+A transformation model lives on a network grid of array shape ``shape`` (z, y, x) and
+turns parameters into a sampling map ``phi`` from target to source, in normalised
+coordinates (x, y[, z]; ``align_corners=True``). Prediction (an STN head's output),
+test-time refinement (the parameters optimised directly) and export share this one
+path. A model names:
+
+- ``head(features)``: the STN head, encoder features [B, F] -> parameters [B, ...];
+- ``grid(params)``: the sampling grid [B, *shape, dim] for ``warp``;
+- ``map_points`` / ``inverse_map_points``: ``phi`` and its inverse on points [B, N, dim];
+- ``regularisation(params)``: a smoothness penalty (0 for linear models);
+- ``linear_matrix(params)``: the normalised sampling matrices [B, dim, dim+1] of a
+  linear model (exported as one ITK ``AffineTransform``), None otherwise (exported as a
+  displacement field).
+
+``options`` maps the constructor's keyword arguments to config keys, which feeds the
+config (``Config.stn_options``), the checkpoint checks and the command line. A new
+model is one file with a class decorated by ``@register_transformation("name")``
+(and, for a built-in, its import in ``spatial/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..errors import IstnError
+
+TRANSFORMATIONS: dict[str, type[Transformation]] = {}
+
+
+class Transformation(nn.Module):
+    """Base class of transformation models (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(int(n) for n in shape)
+        self.dim = len(self.shape)
+
+    def head(self, features: int) -> nn.Module:
+        raise NotImplementedError
+
+    def grid(self, params: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def map_points(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse_map_points(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def regularisation(self, params: torch.Tensor) -> torch.Tensor:
+        return params.new_zeros(())
+
+    def linear_matrix(self, params: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+def register_transformation(name: str) -> Callable[[type[Transformation]], type[Transformation]]:
+    """Class decorator: make a transformation model available as ``--transformation name``."""
+    def add(cls: type[Transformation]) -> type[Transformation]:
+        if name in TRANSFORMATIONS:
+            raise ValueError(f"transformation '{name}' is registered twice")
+        cls.name = name
+        TRANSFORMATIONS[name] = cls
+        return cls
+    return add
+
+
+def transformation_class(name: str) -> type[Transformation]:
+    """The class registered as ``name``; IstnError naming the choices."""
+    if name not in TRANSFORMATIONS:
+        raise IstnError(f"transformation '{name}' is unknown; use one of "
+                        f"{', '.join(TRANSFORMATIONS)}")
+    return TRANSFORMATIONS[name]
+
+
+def new_transformation(name: str, shape: Sequence[int], **options) -> Transformation:
+    """Build the transformation model ``name`` on a grid of array ``shape``."""
+    return transformation_class(name)(shape, **options)
