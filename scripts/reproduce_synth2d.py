@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from istn import layout
+
 RUNS = [("affine", "u"), ("affine", "s"), ("affine", "e"), ("affine", "i"), ("bspline", "i")]
 KINDS = ("", ".seg", ".points", ".transforms")
 METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
@@ -53,7 +55,7 @@ def split(data: Path, out: Path, val: slice) -> None:
 def run(config: Path, splits: Path, out: Path, transformation: str, loss: str,
         extra: list[str]) -> dict:
     run_out = out / f"{transformation}_{loss}"
-    summary = run_out / "test" / "summary.json"
+    summary = layout.test_summary(layout.test_dir(run_out))
     if not summary.exists():
         s = lambda k: str(splits / k)  # noqa: E731
         cmd = [sys.executable, "-c", "import sys; from istn.cli import main_reg; "
@@ -67,7 +69,7 @@ def run(config: Path, splits: Path, out: Path, transformation: str, loss: str,
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     result = json.loads(summary.read_text())
-    history = json.loads((run_out / "train" / "history.json").read_text())
+    history = json.loads(layout.history(run_out).read_text())
     secs = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
     result["seconds_per_epoch"] = sum(secs) / len(secs)
     # the seed of the initialisation that trained (differs from --seed after restarts)

@@ -55,6 +55,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import layout
+from .io import write_text
+
 # Figures of the published research code (Lee et al.'s ISTN implementation), measured on
 # this project's reference machine kind: 2 CPU cores, no GPU, synthetic 2D data, ISTN-i
 # with the affine STN, published config (128x128, batch 10, 100 training pairs).
@@ -534,9 +537,9 @@ def run(out: Path, quick: bool = False, device: str | None = None) -> dict:
     result["load_average_end"] = list(load_end) if load_end else None
     result["total_s"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(json.dumps(result, indent=2) + "\n", layout.bench_result(out))
     print(format_report(result))
-    print(f"\nwritten: {out / 'bench.json'} (total {result['total_s']:.0f} s)")
+    print(f"\nwritten: {layout.bench_result(out)} (total {result['total_s']:.0f} s)")
     return result
 
 

@@ -151,5 +151,10 @@ def dataset_csv(root: Path, split: str, kind: str = "") -> Path:
     return Path(root) / (f"{split}.{kind}.csv" if kind else f"{split}.csv")
 
 
+def bench_result(out: Path) -> Path:
+    """``python -m istn.bench --out OUT``: every figure of the benchmark run."""
+    return Path(out) / "bench.json"
+
+
 def dataset_config(root: Path) -> Path:
     return Path(root) / "config.json"

@@ -79,3 +79,76 @@ class MSE(Similarity):
         if mask is None:  # one reduction over the batch, bit-identical to the published loss
             return F.mse_loss(warped, target)
         return super().mean(warped, target, mask)
+
+
+def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over the voxels of a cubic window of ``window`` voxels per axis (same size).
+
+    At the borders the window is cut to the image (padding is not counted), so local
+    statistics there are those of the voxels that exist.
+    """
+    dim = x.dim() - 2
+    pool = (F.avg_pool2d, F.avg_pool3d)[dim - 2]
+    return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+
+@register_similarity("lncc")
+class LNCC(Similarity):
+    """1 - local normalised cross-correlation, over cubic windows of ``window`` voxels.
+
+    Per window ``cc = cov(I, J)^2 / (var(I) var(J) + eps)`` (local means by box
+    filtering, windows cut to the image at its borders); the dissimilarity is ``1 - mean(cc)`` over
+    the voxels (of the mask, when given). Invariant to local affine intensity changes,
+    so robust to bias fields and contrast differences between scans of one modality.
+    """
+
+    def __init__(self, window: int = 9, eps: float = 1e-5):
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"LNCC window must be odd and >= 1, got {window}")
+        self.window, self.eps = window, eps
+
+    def per_pair(self, warped, target, mask=None):
+        w = self.window
+        mi, mj = _box_mean(warped, w), _box_mean(target, w)
+        cov = _box_mean(warped * target, w) - mi * mj
+        var_i = (_box_mean(warped * warped, w) - mi * mi).clamp_min(0)
+        var_j = (_box_mean(target * target, w) - mj * mj).clamp_min(0)
+        cc = cov * cov / (var_i * var_j + self.eps)
+        return 1.0 - _masked_mean(cc, mask)
+
+
+@register_similarity("mi")
+class MutualInformation(Similarity):
+    """Negative mutual information of a Parzen-window joint histogram (Mattes-style).
+
+    Each image of a pair is scaled to [0, 1] by its own minimum and maximum (of the
+    mask's voxels, when given); every voxel adds Gaussian weights (standard deviation
+    one bin width) to ``bins`` evenly spaced bins of each image; ``p(a, b)`` is the
+    normalised sum of the products and ``MI = sum p(a,b) log(p(a,b) / (p(a) p(b)))``.
+    The dissimilarity is ``-MI`` (nats). For pairs of different modalities.
+    """
+
+    def __init__(self, bins: int = 32):
+        self.bins = bins
+
+    def _weights(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        flat = x.flatten(1)  # [B, N]
+        m = mask.expand_as(x).flatten(1) > 0 if mask is not None else None
+        big = torch.finfo(x.dtype).max
+        lo = (flat if m is None else torch.where(m, flat, big)).amin(1, keepdim=True)
+        hi = (flat if m is None else torch.where(m, flat, -big)).amax(1, keepdim=True)
+        u = (flat - lo) / (hi - lo).clamp_min(1e-12)
+        centres = torch.linspace(0, 1, self.bins, dtype=x.dtype, device=x.device)
+        sigma = 1.0 / (self.bins - 1)
+        w = torch.exp(-0.5 * ((u[..., None] - centres) / sigma) ** 2)  # [B, N, bins]
+        w = w / w.sum(-1, keepdim=True)
+        return w if m is None else w * m[..., None]
+
+    def per_pair(self, warped, target, mask=None):
+        wa, wb = self._weights(warped, mask), self._weights(target, mask)
+        joint = wa.transpose(1, 2) @ wb  # [B, bins, bins]
+        joint = joint / joint.sum((1, 2), keepdim=True).clamp_min(1e-12)
+        pa, pb = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+        eps = 1e-12
+        mi = (joint * (torch.log(joint + eps) - torch.log(pa * pb + eps))).sum((1, 2))
+        return -mi
