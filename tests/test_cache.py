@@ -106,7 +106,9 @@ def test_hit_equals_miss_3d_nifti_with_mask(tmp_path, folder, resamples):
     assert len(resamples) == 2  # with and without the mask are different entries
     assert len(_entries(folder)) == 2
     g = Geometry.of(hit[1])
-    assert g.size == (36, 36, 36) and not np.allclose(g.direction, np.eye(3))
+    # The network grid is world-aligned; the file image keeps the file's oblique direction.
+    assert g.size == (36, 36, 36) and np.allclose(g.direction, np.eye(3))
+    assert not np.allclose(Geometry.of(hit[2]).direction, np.eye(3))
 
 
 def test_hit_neither_reads_nor_resamples(tmp_path, folder, monkeypatch):
@@ -138,7 +140,8 @@ def test_changed_file_is_a_miss(tmp_path, folder, resamples, monkeypatch):
 
 
 @pytest.mark.parametrize("change", [{"size": [52, 52]}, {"spacing": [1.0, 1.5]},
-                                    {"normalizer_img": "range_matching"}])
+                                    {"normalizer_img": "range_matching"},
+                                    {"grid_orientation": "image"}, {"grid_centre": "mass"}])
 def test_changed_config_is_a_miss(tmp_path, folder, resamples, change):
     path = _png(tmp_path / "a.png", np.random.default_rng(4).integers(0, 255, (48, 48)))
     load_volume(path, CFG2D, "img")

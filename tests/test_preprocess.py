@@ -185,7 +185,7 @@ def test_resample_noop_when_grid_matches():
 def test_resample_downsample_2d_keeps_centre_and_direction(origin, direction):
     arr = _rng(7).random((60, 80)).astype(np.float32)  # size (x=80, y=60)
     img = _image(arr, (0.5, 0.5), origin, direction)
-    out = resample(img, [1, 1], [40, 30])
+    out = resample(img, [1, 1], [40, 30], orientation="image")
 
     assert out.GetSize() == (40, 30)
     np.testing.assert_allclose(out.GetSpacing(), (1.0, 1.0))
@@ -215,10 +215,10 @@ def test_resample_downsample_2d_keeps_centre_and_direction(origin, direction):
 def test_resample_pads_and_crops_symmetrically():
     arr = _rng(8).random((30, 40)).astype(np.float32)
     img = _image(arr, (1.0, 1.0), (5.0, 6.0), _rotation_2d(45.0))
-    bigger = resample(img, [1, 1], [44, 34])
+    bigger = resample(img, [1, 1], [44, 34], orientation="image")
     np.testing.assert_allclose(sitk.GetArrayFromImage(bigger), np.pad(arr, 2), atol=1e-5)
     np.testing.assert_allclose(_centre(bigger), _centre(img), atol=1e-9)
-    smaller = resample(img, [1, 1], [36, 26])
+    smaller = resample(img, [1, 1], [36, 26], orientation="image")
     np.testing.assert_allclose(sitk.GetArrayFromImage(smaller), arr[2:-2, 2:-2], atol=1e-5)
 
 
@@ -238,7 +238,7 @@ def test_resample_3d_rotated_anisotropic():
     rot = _rotation_3d([1.0, 2.0, 0.5], 37.0)
     img = _image(arr, (0.8, 1.1, 2.5), (10.0, -20.0, 5.0), rot)
     spacing, size = [1.5, 1.5, 1.5], [12, 12, 20]
-    out = resample(img, spacing, size)
+    out = resample(img, spacing, size, orientation="image")
 
     assert out.GetSize() == tuple(size)
     np.testing.assert_allclose(out.GetSpacing(), spacing)

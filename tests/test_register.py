@@ -201,8 +201,10 @@ def test_cli_register_apply_points(tmp_path, transformation):
                  "--reference", str(paths["trg"]), "--out", str(lab), "--labels"]) == 0
     assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(lab))))) <= {0, 1, 3}
     # points: same as SimpleITK's TransformPoint; --inverse goes back
+    # inside the target, and so are their images: --inverse iterates on the field,
+    # which is defined on the target's grid only
     pts = np.array([trg.TransformContinuousIndexToPhysicalPoint(i)
-                    for i in [(10, 15), (20, 30), (30, 40)]])  # inside the target
+                    for i in [(10, 15), (20, 30), (25, 35)]])
     csv_in = tmp_path / "pts.csv"
     csv_in.write_text("x,y\n" + "\n".join(f"{x},{y}" for x, y in pts) + "\n")
     assert main(["points", "--transform", str(tfile), "--points", str(csv_in),

@@ -4,8 +4,10 @@ Entries live in ``$ISTN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/istn``, else
 ``~/.cache/istn``; one ``<sha256>.npz`` file per (image, mask, preprocessing)
 combination. The key covers the resolved paths of the image and mask, their
 modification times (ns) and sizes, the kind and normaliser, the network grid
-(``size``/``spacing``), SimpleITK's version and :data:`FORMAT_VERSION`, so an edited
-file or a changed config is a miss and stale entries are simply never read again.
+(``size``/``spacing`` and its placement: ``grid_orientation``/``grid_centre``, or the
+exact grid of the image a segmentation is resampled onto), SimpleITK's version and
+:data:`FORMAT_VERSION`, so an edited file or a changed config is a miss and stale
+entries are simply never read again.
 ``ISTN_NO_CACHE=1`` turns the cache off. Entries are written atomically and with
 ``np.savez`` (no pickle); an unreadable entry counts as a miss, and a cache folder
 that cannot be written is skipped with one warning rather than failing the run.
@@ -19,8 +21,9 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,7 +32,9 @@ from .io import write_atomically
 
 # Bump when preprocessing (normalise/resample/read_image) or the entry layout changes:
 # old entries then stop matching any key.
-FORMAT_VERSION = 1
+# 2: world-aligned network grids (grid_orientation, grid_centre) and segmentations on
+# their image's grid.
+FORMAT_VERSION = 2
 # A file modified less than this long ago is not cached: a second write within the
 # file system's timestamp granularity (coarse clock ticks; 2 s on FAT) could keep
 # the same mtime and size, and the stale entry would then be served ("racy" files).
@@ -55,10 +60,12 @@ def enabled() -> bool:
 
 
 def volume_key(path: str | Path, mask_path: str | Path | None, kind: str, normaliser: str,
-               size: Sequence[int], spacing: Sequence[float]) -> str | None:
+               size: Sequence[int], spacing: Sequence[float],
+               grid: Mapping[str, Any] | None = None) -> str | None:
     """sha256 hex key of one preprocessed image, or None if a file cannot be stat'ed.
 
-    ``normaliser`` is the one configured for ``kind`` (``'none'`` for 'raw').
+    ``normaliser`` is the one configured for ``kind`` (``'none'`` for 'raw'); ``grid``
+    (JSON-serialisable) says how the network grid is placed.
     """
     files = []
     for p in (path, mask_path):
@@ -73,7 +80,8 @@ def volume_key(path: str | Path, mask_path: str | Path | None, kind: str, normal
         files.append([str(q), st.st_mtime_ns, st.st_size])
     desc = {"version": FORMAT_VERSION, "sitk": sitk.Version_VersionString(),
             "image": files[0], "mask": files[1], "kind": kind, "normaliser": normaliser,
-            "size": [int(s) for s in size], "spacing": [float(s) for s in spacing]}
+            "size": [int(s) for s in size], "spacing": [float(s) for s in spacing],
+            "grid": dict(grid) if grid is not None else None}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,6 +23,11 @@ NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "thre
 REFINE_MODES = ("weights", "params")
 REFINE_INPUTS = ("primes", "images")
 NETWORK_SCALINGS = ("auto", "none")
+GRID_ORIENTATIONS = ("world", "image")
+GRID_CENTRES = ("image", "mass")
+# Keys a config saved by an older istn (a checkpoint's) may lack, with the value that
+# reproduces that version's behaviour; used by ``from_dict(..., legacy=True)``.
+LEGACY_DEFAULTS: dict[str, Any] = {"grid_orientation": "image", "grid_centre": "image"}
 
 
 @dataclass
@@ -73,6 +78,14 @@ class Config:
     # when a ReLU layer of the ITN or STN has died (0: never, as published).
     network_scaling: str = "auto"
     restarts: int = 3
+    # Extensions: the network grid in physical space. grid_orientation 'world': axes
+    # along the physical x, y[, z] (identity direction), so storage order, flips and
+    # oblique headers do not change what the networks see; 'image': each image's own
+    # direction (checkpoints without the key). grid_centre 'image': the image's physical
+    # centre; 'mass': its intensity centre of mass (inside its mask), an initial
+    # translation as SimpleITK's MOMENTS initialiser. Identical for 2D PNGs either way.
+    grid_orientation: str = "world"
+    grid_centre: str = "image"
 
     @property
     def dim(self) -> int:
@@ -156,6 +169,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.network_scaling not in NETWORK_SCALINGS:
         raise err("network_scaling", f"must be one of {', '.join(NETWORK_SCALINGS)}; "
                   f"got '{cfg.network_scaling}'")
+    if cfg.grid_orientation not in GRID_ORIENTATIONS:
+        raise err("grid_orientation", f"must be one of {', '.join(GRID_ORIENTATIONS)}; "
+                  f"got '{cfg.grid_orientation}'")
+    if cfg.grid_centre not in GRID_CENTRES:
+        raise err("grid_centre", f"must be one of {', '.join(GRID_CENTRES)}; "
+                  f"got '{cfg.grid_centre}'")
     if cfg.refine_batch < 0:
         raise err("refine_batch", "must be >= 0 (0 refines all pairs together)")
     for key in ("learning_rate", "max_scaling", "max_displacement", "bspline_spacing"):
@@ -198,10 +217,17 @@ def validate(cfg: Config, source: str = "config") -> Config:
     return cfg
 
 
-def from_dict(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a validated Config from a mapping (unknown keys are errors)."""
+def from_dict(data: dict[str, Any], source: str = "config", legacy: bool = False) -> Config:
+    """Build a validated Config from a mapping (unknown keys are errors).
+
+    ``legacy=True`` for configs saved by istn itself (checkpoints): a key in
+    :data:`LEGACY_DEFAULTS` that the saved config lacks takes the value that
+    reproduces the older version's behaviour, not today's default.
+    """
     if not isinstance(data, dict):
         raise IstnError(f"{source}: expected a JSON/YAML object of key: value pairs")
+    if legacy:
+        data = {**LEGACY_DEFAULTS, **data}
     unknown = sorted(str(k) for k in set(data) - set(_FIELDS))
     if unknown:
         raise IstnError(

@@ -21,7 +21,7 @@ from . import cache
 from .config import Config
 from .errors import IstnError
 from .io import read_image
-from .preprocess import normalise, resample
+from .preprocess import centre_of_mass, normalise, resample, resample_onto
 
 
 def read_pair_csv(path: str | Path, what: str = "pairs") -> list[tuple[Path, Path]]:
@@ -147,17 +147,27 @@ def _check_finite(arr: np.ndarray, path: Path) -> None:
 
 
 def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = None,
-                what: str = "image") -> tuple[np.ndarray, sitk.Image, sitk.Image]:
+                what: str = "image", reference: sitk.Image | None = None
+                ) -> tuple[np.ndarray, sitk.Image, sitk.Image]:
     """Read, normalise and resample one image. Returns (array, resampled image, file image).
 
     ``kind`` selects the normaliser: 'img' (normalizer_img), 'seg' (normalizer_seg)
-    or 'raw' (none; landmark images and masks). Results are cached on disk
-    (:mod:`istn.cache`); on a hit the file image has the file's geometry but zero
-    pixels (callers use only its geometry).
+    or 'raw' (none; landmark images and masks). The network grid follows the config
+    (``grid_orientation``, ``grid_centre``: the centre of mass is taken inside the
+    mask when one is given), unless ``reference`` (a resampled image) is given: then
+    its grid is used, so a segmentation or landmark image lands exactly on its
+    image's network grid. Results are cached on disk (:mod:`istn.cache`); on a hit
+    the file image has the file's geometry but zero pixels (callers use only its
+    geometry).
     """
     norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
-    key = (cache.volume_key(path, mask_path, kind, norm, cfg.size, cfg.spacing)
-           if cache.enabled() else None)
+    grid = (_grid_of(reference) if reference is not None
+            else {"orientation": cfg.grid_orientation, "centre": cfg.grid_centre})
+
+    def key_now() -> str | None:
+        return cache.volume_key(path, mask_path, kind, norm, cfg.size, cfg.spacing, grid)
+
+    key = key_now() if cache.enabled() else None
     if key is not None and (hit := cache.read_volume(key)) is not None:
         return hit
     img = read_image(path, what)
@@ -177,14 +187,29 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
     used = "none" if kind == "seg" and not arr.any() else norm
     norm_img = sitk.GetImageFromArray(normalise(arr, used, mask, f"{what} '{path}'"))
     norm_img.CopyInformation(img)
-    res = resample(norm_img, cfg.spacing, cfg.size)
+    if reference is not None:
+        res = resample_onto(norm_img, reference.GetOrigin(), reference.GetSpacing(),
+                            reference.GetDirection(), reference.GetSize())
+    else:
+        # The centre of mass of the file's intensities, not of the normalised ones:
+        # normalisers may shift the background away from zero.
+        centre = centre_of_mass(img, mask) if cfg.grid_centre == "mass" else None
+        res = resample(norm_img, cfg.spacing, cfg.size, orientation=cfg.grid_orientation,
+                       centre=centre)
     out = sitk.GetArrayFromImage(res)
     # Only validated results reach this point. Store them unless a file changed while
     # it was read (the key would not describe the content) or is too recent to trust.
-    if (key is not None and cache.settled(path, mask_path)
-            and cache.volume_key(path, mask_path, kind, norm, cfg.size, cfg.spacing) == key):
+    if key is not None and cache.settled(path, mask_path) and key_now() == key:
         cache.write_volume(key, out, res, img)
     return out, res, img
+
+
+def _grid_of(reference: sitk.Image) -> dict[str, list[float]]:
+    """A reference grid as plain numbers (part of the cache key of images resampled onto it)."""
+    return {"origin": [float(v) for v in reference.GetOrigin()],
+            "direction": [float(v) for v in reference.GetDirection()],
+            "spacing": [float(v) for v in reference.GetSpacing()],
+            "size": [int(v) for v in reference.GetSize()]}
 
 
 def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
@@ -255,8 +280,9 @@ def load_pair_lists(cfg: Config, pairs: Pairs, segs: Pairs | None = None,
             if extra[key] is not None:
                 ss, ts = extra[key][i]
                 prefix = "seg" if key == "seg" else "pts"
-                arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what)[0])
-                arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what)[0])
+                # On the image's own network grid (its centre, not the segmentation's).
+                arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what, sres)[0])
+                arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what, tres)[0])
         ps.names.append(Path(s).name.split(".")[0])
         ps.src_file.append(Geometry.of(sfile))
         ps.trg_file.append(Geometry.of(tfile))

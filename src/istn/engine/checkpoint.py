@@ -104,7 +104,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         problem = f"epoch {state.get('epoch')!r} is not an integer"
     if problem is not None:
         raise IstnError(f"model '{p}' is a damaged istn checkpoint ({problem})")
-    from_dict(meta["config"], f"model '{p}' config")  # raises naming the bad key
+    from_dict(meta["config"], f"model '{p}' config", legacy=True)  # raises naming the bad key
     if not isinstance(state.get("extra"), dict):
         state["extra"] = {}
     return state
@@ -117,7 +117,7 @@ def describe_mismatch(meta: dict[str, Any], strategy: str | None = None,
 
     Returns phrases like ``"strategy (--loss) 'i' (asked: 'u')"``; empty when all match.
     """
-    saved = from_dict(meta["config"], "checkpoint config")
+    saved = from_dict(meta["config"], "checkpoint config", legacy=True)
     diffs = []
     for name, want, have in (("strategy (--loss)", strategy, meta["strategy"]),
                              ("transformation", transformation, meta["transformation"])):
@@ -218,7 +218,7 @@ def load_model(path: str | Path, cfg: Config | None = None, strategy: str | None
     """
     state = read_checkpoint(path)
     meta = state["meta"]
-    saved_cfg = from_dict(meta["config"], f"model '{path}' config")
+    saved_cfg = from_dict(meta["config"], f"model '{path}' config", legacy=True)
     diffs = describe_mismatch(meta, strategy, transformation, cfg)
     if diffs:
         raise IstnError(f"model '{path}' does not match: it was trained with "

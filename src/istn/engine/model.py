@@ -22,7 +22,8 @@ from ..spatial import Transformation
 
 # Config keys that define the network or its input data: a model only fits data
 # prepared with the same values.
-NETWORK_KEYS = ("size", "spacing", "normalizer_img", "normalizer_seg")
+NETWORK_KEYS = ("size", "spacing", "normalizer_img", "normalizer_seg", "grid_orientation",
+                "grid_centre")
 
 Scaling = dict[str, list[float]]
 
