@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import layout
-from ..config import Config, load_config
+from ..config import LEGACY_DEFAULTS, Config, load_config
 from ..errors import IstnError
 from ..spatial import TRANSFORMATIONS
 from .common import add_command, add_options, model_dir_name, prepare_out, say, setup_device
@@ -252,5 +252,6 @@ def cmd_test(args: argparse.Namespace) -> None:
         from ..engine.checkpoint import read_checkpoint
 
         saved = read_checkpoint(args.model)["meta"]["config"]
-        cfg = load_config(None, {**saved, **{k: getattr(args, k) for k in CONFIG_KEYS}})
+        cfg = load_config(None, {**LEGACY_DEFAULTS, **saved,
+                                 **{k: getattr(args, k) for k in CONFIG_KEYS}})
     do_test(args, cfg, setup_device(args.dev), args.model)
