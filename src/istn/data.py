@@ -141,25 +141,32 @@ class PairSet:
         return len(self.names)
 
 
-def _check_finite(arr: np.ndarray, path: Path) -> None:
+def _check_finite(arr: np.ndarray, what: str) -> None:
+    """``what`` names the image, e.g. "source image 'a.nii.gz'"."""
     if not np.isfinite(arr).all():
-        raise IstnError(f"image '{path}' contains NaN or Inf values; clean or mask them first")
+        raise IstnError(f"{what} contains NaN or Inf values; clean or mask them first")
 
 
-def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = None,
-                what: str = "image", reference: sitk.Image | None = None
+def load_volume(path: Path | sitk.Image, cfg: Config, kind: str,
+                mask_path: Path | None = None, what: str = "image",
+                reference: sitk.Image | None = None
                 ) -> tuple[np.ndarray, sitk.Image, sitk.Image]:
     """Read, normalise and resample one image. Returns (array, resampled image, file image).
 
+    ``path`` is a file or an image already in memory (then nothing is read or cached).
     ``kind`` selects the normaliser: 'img' (normalizer_img), 'seg' (normalizer_seg)
     or 'raw' (none; landmark images and masks). The network grid follows the config
     (``grid_orientation``, ``grid_centre``: the centre of mass is taken inside the
     mask when one is given), unless ``reference`` (a resampled image) is given: then
     its grid is used, so a segmentation or landmark image lands exactly on its
-    image's network grid. Results are cached on disk (:mod:`istn.cache`); on a hit
-    the file image has the file's geometry but zero pixels (callers use only its
+    image's network grid. File results are cached on disk (:mod:`istn.cache`); on a
+    hit the file image has the file's geometry but zero pixels (callers use only its
     geometry).
     """
+    if isinstance(path, sitk.Image):
+        mask = sitk.GetArrayFromImage(read_image(mask_path, "mask")) if mask_path else None
+        out, res = prepare_volume(path, cfg, kind, mask, what, reference)
+        return out, res, path
     norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
     grid = (_grid_of(reference) if reference is not None
             else {"orientation": cfg.grid_orientation, "centre": cfg.grid_centre})
@@ -171,11 +178,6 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
     if key is not None and (hit := cache.read_volume(key)) is not None:
         return hit
     img = read_image(path, what)
-    if img.GetDimension() != cfg.dim:
-        raise IstnError(f"{what} '{path}' is {img.GetDimension()}D but the config is {cfg.dim}D "
-                        f"(size {cfg.size}); use a {img.GetDimension()}D config or --mode3d")
-    arr = sitk.GetArrayFromImage(img)
-    _check_finite(arr, path)
     mask = None
     if mask_path is not None:
         mimg = read_image(mask_path, "mask")
@@ -183,9 +185,37 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
             raise IstnError(f"mask '{mask_path}' has size {mimg.GetSize()} but its image "
                             f"'{path}' has size {img.GetSize()}; masks must match their image")
         mask = sitk.GetArrayFromImage(mimg)
+    out, res = prepare_volume(img, cfg, kind, mask, f"{what} '{path}'", reference)
+    # Only validated results reach this point. Store them unless a file changed while
+    # it was read (the key would not describe the content) or is too recent to trust.
+    if key is not None and cache.settled(path, mask_path) and key_now() == key:
+        cache.write_volume(key, out, res, img)
+    return out, res, img
+
+
+def prepare_volume(img: sitk.Image, cfg: Config, kind: str, mask: np.ndarray | None = None,
+                   what: str = "image", reference: sitk.Image | None = None
+                   ) -> tuple[np.ndarray, sitk.Image]:
+    """Normalise and resample an image in memory: (array on the network grid, that grid).
+
+    As :func:`load_volume` (same normalisers and grids), without files or cache;
+    ``what`` names the image in errors.
+    """
+    norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
+    if img.GetDimension() != cfg.dim:
+        raise IstnError(f"{what} is {img.GetDimension()}D but the config is {cfg.dim}D "
+                        f"(size {cfg.size}); use a {img.GetDimension()}D config or --mode3d")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise IstnError(f"{what} has {img.GetNumberOfComponentsPerPixel()} components per "
+                        "voxel; give a scalar (grey-value) image")
+    arr = sitk.GetArrayFromImage(img)
+    if mask is not None and mask.shape != arr.shape:
+        raise IstnError(f"the mask of {what} has shape {mask.shape} but the image has "
+                        f"{arr.shape}; masks must match their image")
+    _check_finite(arr, what)
     # An empty SoI is legitimate: keep zeros rather than divide by 0.
     used = "none" if kind == "seg" and not arr.any() else norm
-    norm_img = sitk.GetImageFromArray(normalise(arr, used, mask, f"{what} '{path}'"))
+    norm_img = sitk.GetImageFromArray(normalise(arr, used, mask, what))
     norm_img.CopyInformation(img)
     if reference is not None:
         res = resample_onto(norm_img, reference.GetOrigin(), reference.GetSpacing(),
@@ -196,12 +226,7 @@ def load_volume(path: Path, cfg: Config, kind: str, mask_path: Path | None = Non
         centre = centre_of_mass(img, mask) if cfg.grid_centre == "mass" else None
         res = resample(norm_img, cfg.spacing, cfg.size, orientation=cfg.grid_orientation,
                        centre=centre)
-    out = sitk.GetArrayFromImage(res)
-    # Only validated results reach this point. Store them unless a file changed while
-    # it was read (the key would not describe the content) or is too recent to trust.
-    if key is not None and cache.settled(path, mask_path) and key_now() == key:
-        cache.write_volume(key, out, res, img)
-    return out, res, img
+    return sitk.GetArrayFromImage(res), res
 
 
 def _grid_of(reference: sitk.Image) -> dict[str, list[float]]:
@@ -237,6 +262,8 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
 
 
 Pairs = list[tuple[Path, Path]]
+# A pair's images: files, or images already in memory (register, the Python API).
+ImagePairs = list[tuple[Path | sitk.Image, Path | sitk.Image]]
 
 
 def _point_csvs(points: Pairs | None) -> bool:
@@ -250,10 +277,13 @@ def _point_csvs(points: Pairs | None) -> bool:
     return kinds.pop()
 
 
-def load_pair_lists(cfg: Config, pairs: Pairs, segs: Pairs | None = None,
+def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                     masks: Pairs | None = None, points: Pairs | None = None,
                     transforms: Pairs | None = None) -> PairSet:
-    """Load pairs given as parallel lists of (source, target) paths onto the network grid."""
+    """Load pairs given as parallel lists of (source, target) onto the network grid.
+
+    The images of ``pairs`` are paths or ``sitk.Image`` objects (named ``pairN``).
+    """
     extra = {"seg": segs, "mask": masks, "points": points, "transforms": transforms}
     keys = ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -283,7 +313,7 @@ def load_pair_lists(cfg: Config, pairs: Pairs, segs: Pairs | None = None,
                 # On the image's own network grid (its centre, not the segmentation's).
                 arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what, sres)[0])
                 arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what, tres)[0])
-        ps.names.append(Path(s).name.split(".")[0])
+        ps.names.append(f"pair{i + 1}" if isinstance(s, sitk.Image) else Path(s).name.split(".")[0])
         ps.src_file.append(Geometry.of(sfile))
         ps.trg_file.append(Geometry.of(tfile))
         ps.src_grid.append(Geometry.of(sres))

@@ -115,7 +115,8 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
     inputs = [read_inputs(pairs[i], segs[i] if segs else (None, None),
                           points[i] if points else (None, None), seg_threshold)
               for i in range(len(pairs))]
-    ps = load_pair_lists(model.cfg, pairs)
+    # the images just read and checked, not read again
+    ps = load_pair_lists(model.cfg, [(inp.src, inp.trg) for inp in inputs])
     src, trg = ps.src.to(device), ps.trg.to(device)
     params, s_p, t_p = predict(model, src, trg)
     if refine_iters > 0:
