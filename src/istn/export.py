@@ -70,12 +70,18 @@ def affine_to_sitk(theta: np.ndarray, g_src: Geometry, g_trg: Geometry) -> sitk.
 
 
 def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
-                       chunk: int = 262_144) -> PointMap:
-    """``T`` as a function of physical points [N, dim] (target -> source), any model."""
+                       chunk: int = 262_144, inverse: bool = False) -> PointMap:
+    """``T`` as a function of physical points [N, dim] (target -> source), any model.
+
+    ``inverse=True``: ``T^-1`` (source -> target), through the model's inverse map.
+    """
     shape = tuple(g_trg.size[::-1])
+    if inverse:
+        g_src, g_trg = g_trg, g_src
     from_trg = np.linalg.inv(index_to_physical_matrix(g_trg) @ normalised_to_index_matrix(g_trg))
     to_src = index_to_physical_matrix(g_src) @ normalised_to_index_matrix(g_src)
     transform = model.transform
+    mapping = transform.inverse_map_points if inverse else transform.map_points
     if tuple(transform.shape) != shape:
         raise IstnError(f"the network grid {shape} does not match the model's {transform.shape}")
 
@@ -88,7 +94,7 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
         with torch.no_grad():
             for i in range(0, len(u), chunk):
                 ui = torch.from_numpy(u[i:i + chunk])[None]
-                out[i:i + chunk] = transform.map_points(p, ui)[0].numpy()
+                out[i:i + chunk] = mapping(p, ui)[0].numpy()
         return out @ to_src[:d, :d].T + to_src[:d, d]
 
     return apply
@@ -98,27 +104,34 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
 class Exported:
     """A prediction in physical space: ``transform`` maps target points to source points.
 
-    ``field`` is the displacement field (on the reference grid) of a non-linear model;
-    None for linear models, whose transform is one exact ``AffineTransform``.
+    ``inverse`` maps source points to target points. ``field`` / ``inverse_field`` are
+    the displacement fields (on the target's / the source's grid) of a non-linear model;
+    None for linear models, whose transforms are exact ``AffineTransform`` objects.
     """
 
     transform: sitk.Transform
+    inverse: sitk.Transform
     field: sitk.Image | None = None
+    inverse_field: sitk.Image | None = None
 
 
 def export_transform(model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
-                     reference: sitk.Image) -> Exported:
-    """The prediction ``params`` of one pair as an ITK transform (target -> source).
+                     reference: sitk.Image, source: sitk.Image | None = None) -> Exported:
+    """The prediction ``params`` of one pair as ITK transforms (target -> source and back).
 
     Linear models (``linear_matrix`` is not None) compose exactly into an
-    ``AffineTransform``; any other model is sampled as a displacement field on
-    ``reference``'s grid.
+    ``AffineTransform`` (its inverse is exact too); any other model is sampled as a
+    displacement field on ``reference``'s grid, its inverse (the model's own inverse
+    map, see ``inverse_map_points``) on ``source``'s grid (``reference``'s if None).
     """
     matrix = model.transform.linear_matrix(params[None])
     if matrix is not None:
-        return Exported(affine_to_sitk(matrix[0].detach().cpu().numpy(), g_src, g_trg))
+        tx = affine_to_sitk(matrix[0].detach().cpu().numpy(), g_src, g_trg)
+        return Exported(tx, tx.GetInverse())
     field = displacement_field(physical_point_map(model, params, g_src, g_trg), reference)
-    return Exported(field_transform(field), field)
+    back = displacement_field(physical_point_map(model, params, g_src, g_trg, inverse=True),
+                              source if source is not None else reference)
+    return Exported(field_transform(field), field_transform(back), field, back)
 
 
 def grid_points(reference: sitk.Image) -> np.ndarray:

@@ -44,6 +44,36 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     return sitk.Cast(img, sitk.sitkFloat32)
 
 
+def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") -> sitk.Image:
+    """A float32 scalar image from a file, an ``sitk.Image`` or a numpy array.
+
+    Files are read with :func:`read_image`. An ``sitk.Image`` keeps its geometry
+    (multi-component images are averaged to one channel, as files are). A numpy array
+    is in SimpleITK order (z, y, x) and gets unit spacing, zero origin and the identity
+    direction: give an ``sitk.Image`` for anything else.
+    """
+    if isinstance(source, str | Path):
+        return read_image(source, what)
+    if isinstance(source, np.ndarray):
+        if source.ndim not in (2, 3):
+            raise IstnError(f"{what}: a numpy array must be 2D or 3D, got shape {source.shape}")
+        source = sitk.GetImageFromArray(np.asarray(source, dtype=np.float32))
+    if not isinstance(source, sitk.Image):
+        raise IstnError(f"{what}: expected a file path, a SimpleITK image or a numpy array, "
+                        f"got {type(source).__name__}")
+    if source.GetDimension() not in (2, 3):
+        raise IstnError(f"{what} is {source.GetDimension()}D; istn registers 2D and 3D images")
+    if source.GetNumberOfComponentsPerPixel() > 1:
+        arr = sitk.GetArrayFromImage(source).astype(np.float32).mean(axis=-1)
+        out = sitk.GetImageFromArray(arr)
+        out.CopyInformation(source)
+        source = out
+    img = sitk.Cast(source, sitk.sitkFloat32)
+    if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+        raise IstnError(f"{what} contains NaN or Inf values; clean or mask them first")
+    return img
+
+
 def _nifti_finite(path: Path) -> bool:
     """True unless a NIfTI-1 float file holds NaN/Inf (SimpleITK silently zeroes them)."""
     opener = gzip.open if path.name.endswith(".gz") else open

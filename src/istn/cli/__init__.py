@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import __version__
+from .._version import __version__
 from . import register, tools, train
 from .common import run
 

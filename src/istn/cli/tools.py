@@ -6,8 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
+from ..engine.distributed import select_device
 from ..errors import IstnError
-from .common import add_command, add_options, select_device
+from .common import add_command, add_options
 
 
 def add_data_parsers(sub) -> None:

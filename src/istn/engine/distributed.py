@@ -148,3 +148,25 @@ def broadcast(obj: T, d: Dist) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def select_device(dev: str | int | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or an integer N (CUDA device N); default: cuda:0 if present."""
+    if dev is None or dev == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    name = f"cuda:{dev}" if str(dev).isdigit() else str(dev)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise IstnError(f"--dev/--device '{dev}' is not a device; "
+                        "use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise IstnError(f"--dev/--device '{dev}': no CUDA device is available; use cpu")
+        if (device.index or 0) >= count:
+            raise IstnError(f"--dev/--device '{dev}': only {count} CUDA device(s) exist "
+                            f"(0..{count - 1})")
+    elif device.type != "cpu":
+        raise IstnError(f"--dev/--device '{dev}' is not supported; use cpu or cuda[:N]")
+    return device

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .. import __version__
+from .._version import __version__
 from ..config import Config
 from ..losses import check_strategy, training_loss, uses_itn
 from ..nets import ITN, STN
