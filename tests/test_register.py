@@ -53,6 +53,9 @@ def perturbed_model(dim, transformation, strategy="i"):
             model.stn.head.rotation.bias.fill_(0.3)
             model.stn.head.scaling.bias.fill_(0.4)
             model.stn.head.shearing.bias.fill_(0.1)
+    if transformation == "svf":  # zero-initialised: give it a smooth random velocity
+        with torch.no_grad():
+            model.stn.head.linear.bias.normal_(0.0, 0.5)
     return model
 
 
@@ -97,7 +100,7 @@ def inside_mask(src: sitk.Image, trg: sitk.Image, tx: sitk.Transform) -> np.ndar
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("transformation", ["affine", "bspline"])
+@pytest.mark.parametrize("transformation", ["affine", "bspline", "svf"])
 def test_export_reproduces_istn_warp_with_plain_simpleitk(tmp_path, dim, transformation):
     paths = write_pair(tmp_path, dim)
     model = perturbed_model(dim, transformation)
@@ -121,7 +124,7 @@ def test_export_reproduces_istn_warp_with_plain_simpleitk(tmp_path, dim, transfo
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_source_seg.nii.gz")))
     assert set(np.unique(seg)) <= {0, 1, 3}
     assert set(metrics["labels"]) <= {"1", "3"} and "1" in metrics["labels"]
-    if transformation == "bspline":
+    if transformation != "affine":
         assert math.isfinite(metrics["jacobian_min"])
         assert 0 <= metrics["jacobian_folding_percent"] <= 100
 
@@ -283,3 +286,23 @@ def test_landmark_error_from_point_csvs_in_test(tmp_path):
     g_s, g_t = ps.src_grid[0], ps.trg_grid[0]
     want = np.linalg.norm((g_s.to_index(s_pts) - g_t.to_index(t_pts)) * 1.5, axis=1).mean()
     assert row["landmark_error"] == pytest.approx(want)
+
+
+def test_jacobian_statistics_of_a_known_field():
+    """d(x) = (c x^2, 0) in physical units: det = 1 + 2 c x inside (central differences)."""
+    from istn.export import jacobian_stats
+
+    size, spacing, c = (30, 20), (1.5, 2.0), 0.004
+    x = np.arange(size[0]) * spacing[0] + 5.0  # origin 5 mm
+    disp = np.zeros((size[1], size[0], 2))
+    disp[..., 0] = c * x[None, :] ** 2
+    field = sitk.GetImageFromArray(disp, isVector=True)
+    field.SetSpacing(spacing)
+    field.SetOrigin((5.0, -3.0))
+    stats = jacobian_stats(field)
+    h = spacing[0]
+    det = 1 + 2 * c * x  # one-sided differences at the two border columns:
+    det[0], det[-1] = 1 + c * (2 * x[0] + h), 1 + c * (2 * x[-1] - h)
+    assert stats["jacobian_min"] == pytest.approx(det.min(), rel=1e-9)
+    assert stats["jacobian_folding_percent"] == 0.0
+    assert stats["jacobian_log_std"] == pytest.approx(np.log(det).std(), rel=1e-9)

@@ -58,6 +58,8 @@ class Config:
     max_displacement: float = 0.2
     bspline_zero_init: bool = False
     smoothness: float = 0.0
+    # Extensions: SVF model (velocity on the B-spline control grid; scaling and squaring).
+    svf_steps: int = 7
     # Extensions: the similarity of the STN losses and of refinement (see istn.similarity).
     similarity: str = "mse"
     # Extensions: refinement ('weights' = fine-tune the STN as published,
@@ -162,6 +164,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for key in ("epochs", "batch_size", "val_interval"):
         if getattr(cfg, key) < 1:
             raise err(key, f"must be >= 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.svf_steps <= 16:
+        raise err("svf_steps", f"must be between 0 and 16, got {cfg.svf_steps}")
     if cfg.refine < 0:
         raise err("refine", f"must be >= 0, got {cfg.refine}")
     if cfg.restarts < 0:

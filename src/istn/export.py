@@ -178,10 +178,16 @@ def jacobian_determinant(field: sitk.Image) -> np.ndarray:
 
 
 def jacobian_stats(field: sitk.Image) -> dict[str, float]:
-    """Minimum Jacobian determinant of ``x -> x + d(x)`` and the % of voxels with det <= 0."""
+    """Jacobian determinant statistics of ``x -> x + d(x)``, in physical units.
+
+    ``jacobian_min``; ``jacobian_folding_percent``: % of voxels with det <= 0;
+    ``jacobian_log_std``: standard deviation of log(det) over the voxels with det > 0.
+    """
     det = jacobian_determinant(field)
+    positive = det[det > 0]
     return {"jacobian_min": float(det.min()),
-            "jacobian_folding_percent": float(100.0 * (det <= 0).mean())}
+            "jacobian_folding_percent": float(100.0 * (det <= 0).mean()),
+            "jacobian_log_std": float(np.log(positive).std()) if positive.size else None}
 
 
 def read_transform(path: str | Path) -> sitk.Transform:

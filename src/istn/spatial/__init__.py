@@ -5,7 +5,7 @@ Convention (used everywhere, tested): PyTorch ``grid_sample`` with
 first voxel to +1 at the centre of the last voxel along each axis, and are
 ordered (x, y[, z]) while tensors are ``[B, C, *spatial]`` with spatial order
 (z, y, x) as in SimpleITK arrays. Importing this package registers the built-in
-models (affine, bspline).
+models (affine, bspline, svf).
 """
 
 from .affine import AffineModel, affine_matrix
@@ -18,17 +18,20 @@ from .base import (
 )
 from .bspline import BSplineModel, bspline_basis, control_grid_shape, cubic_bspline
 from .grid import ALIGN_CORNERS, identity_grid, index_to_normalised, normalised_to_index, warp
+from .svf import SVFModel, exp_velocity
 
 __all__ = [
     "ALIGN_CORNERS",
     "TRANSFORMATIONS",
     "AffineModel",
     "BSplineModel",
+    "SVFModel",
     "Transformation",
     "affine_matrix",
     "bspline_basis",
     "control_grid_shape",
     "cubic_bspline",
+    "exp_velocity",
     "identity_grid",
     "index_to_normalised",
     "new_transformation",
