@@ -115,6 +115,7 @@ def test_image(test_dir: Path, pair: str, key: str) -> Path:
 
 REGISTER_FILES = {"warped": "warped_source.nii.gz", "warped_seg": "warped_source_seg.nii.gz",
                   "affine": "transform.tfm", "field": "displacement.nii.gz",
+                  "composite": "transform.h5", "inverse": "inverse.h5",
                   "metrics": "metrics.json", "report": "report.png"}
 
 

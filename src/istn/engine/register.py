@@ -210,6 +210,13 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
     return results
 
 
+def _composite(tx: sitk.Transform) -> sitk.CompositeTransform:
+    """``tx`` as an ITK CompositeTransform (what ``.h5`` transform files hold)."""
+    if isinstance(tx, sitk.CompositeTransform):
+        return tx
+    return sitk.CompositeTransform([tx])
+
+
 def write_registration(reg: Registration, inp: PairInputs, out: Path) -> None:
     """The files of one registered pair in ``out`` (names from :mod:`istn.layout`)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +226,9 @@ def write_registration(reg: Registration, inp: PairInputs, out: Path) -> None:
         write_transform(reg.transform, out / FILES["affine"])
     else:
         write_image(reg.field, out / FILES["field"])
+    # every model: one ITK file each way (composite for cascades), read by SimpleITK / ANTs
+    write_transform(_composite(reg.transform), out / FILES["composite"])
+    write_transform(_composite(reg.inverse), out / FILES["inverse"])
     if reg.warped_seg is not None:
         write_image(reg.warped_seg, out / FILES["warped_seg"])
     write_text(json.dumps(reg.metrics, indent=2) + "\n", out / FILES["metrics"])
