@@ -146,7 +146,7 @@ def _opt(p: str | None) -> Path | None:
 def _metrics_csv(names: list[str], results: list[dict]) -> str:
     buf = _io.StringIO()
     w = csv.writer(buf)
-    cols = ["dice", "hd", "asd", "precision", "recall"]
+    cols = ["dice", "hd", "hd95", "asd", "precision", "recall"]
     w.writerow(["pair", "label", *cols, "landmark_error", "jacobian_min",
                 "jacobian_folding_percent"])
     for name, res in zip(names, results, strict=True):

@@ -21,7 +21,8 @@ from .evaluate import STAGES, Evaluation, evaluate
 from .model import Model
 from .refine import RefineSettings
 
-METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
+METRICS = ("dice", "hd", "hd95", "asd", "precision", "recall", "landmark_error",
+           "landmark_error_gt")
 
 
 def _clean(v):
