@@ -81,6 +81,9 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     write_text(json.dumps(summary, indent=2) + "\n", layout.test_summary(folder))
     if res is not None:
         report.pair_grid(ps, res, layout.test_pairs(folder))
+    report.cohort_html(report.pairs_from_test(names, rows, ps, res), layout.test_report(folder),
+                       title=f"istn test: {model.strategy} / {model.transformation}, "
+                       f"{len(names)} pairs")
     return summary
 
 
