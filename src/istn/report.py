@@ -274,6 +274,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if n == 0 else 2.0 * int(np.logical_and(a, b).sum()) / n
 
 
+def _mean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN when there is none (no warning, unlike nanmean)."""
+    ok = [v for v in values if math.isfinite(v)]
+    return sum(ok) / len(ok) if ok else float("nan")
+
+
 def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
 
@@ -438,8 +444,7 @@ def registration_figure(before: np.ndarray, target: np.ndarray, warped: np.ndarr
     if with_seg:
         dice = {lab: (_dice(maps[1] == lab, maps[0] == lab), _dice(maps[2] == lab, maps[0] == lab))
                 for lab in labels}
-        mean = [float(np.nanmean([d[k] for d in dice.values()])) if dice else float("nan")
-                for k in (0, 1)]
+        mean = [_mean([d[k] for d in dice.values()]) for k in (0, 1)]
         tag = " (mean over labels)" if len(labels) > 1 else ""
         cols += [f"SoI before\nDice {_fmt(mean[0])}{tag}",
                  f"SoI after ({stage})\nDice {_fmt(mean[1])}{tag}"]
@@ -451,6 +456,7 @@ def registration_figure(before: np.ndarray, target: np.ndarray, warped: np.ndarr
     centre = _focus(maps[0], spacing, direction) if with_seg else None
     v = lambda a: views(a, spacing, direction, centre)  # noqa: E731
     vb, vt, vw = v(before), v(target), v(warped)
+    vs = [v(m) for m in maps]
     rows = len(vt)
     fig, axes = plt.subplots(rows, len(cols), figsize=(2.6 * len(cols), 2.6 * rows + 0.9),
                              squeeze=False, layout="constrained")
@@ -464,7 +470,7 @@ def registration_figure(before: np.ndarray, target: np.ndarray, warped: np.ndarr
             if r == 0:
                 axes[0, c].set_title(cols[c], fontsize=8)
         if with_seg:
-            segs = [v(m)[r][1] for m in maps]
+            segs = [m[r][1] for m in vs]
             for c, moving in ((4, segs[1]), (5, segs[2])):
                 _contours(axes[r, c], segs[0], labels, moving=False)
                 _contours(axes[r, c], moving, labels, moving=True)
@@ -752,7 +758,7 @@ def pairs_from_test(names: Sequence[str], rows: Mapping[str, Sequence[Mapping] |
         if name in local:
             i = local[name]
             p.thumbnail = data_uri(pair_thumbnail(ps, res, i))
-            p.picture = data_uri(_png(_pair_figure(ps, res, [i])))
+            p.picture = data_uri(_png(_pair_figure(ps, res, [i]), dpi=80))  # page size
             itn = itn_thumbnail(ps, res, i)
             if itn is not None:
                 p.extras.append(("ITN(source) | ITN(target)", data_uri(itn)))
