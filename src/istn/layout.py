@@ -21,13 +21,15 @@ An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg
         metrics.csv                     test_metrics(test_dir)
         summary.json                    test_summary(test_dir): a finished test
         pairs.png                       test_pairs(test_dir)
+        report.html                     test_report(test_dir): the cohort report
         PAIR_KEY.nii.gz                 test_image(test_dir, pair, key)
     OUT/data/                           demo_data_dir(out): the demo's synthetic data
 
 ``istn register --out OUT`` writes one pair's files (register_file) into OUT, or
-with ``--pairs`` one folder per pair (register_pair_names) and ``OUT/metrics.csv``
-(register_metrics). A synthetic data set (``istn synth``) lists its pairs in
-``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside ``ROOT/config.json`` (dataset_config).
+with ``--pairs`` one folder per pair (register_pair_names), ``OUT/metrics.csv``
+(register_metrics) and ``OUT/report.html`` (register_report). A synthetic data set
+(``istn synth``) lists its pairs in ``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside
+``ROOT/config.json`` (dataset_config).
 """
 
 from __future__ import annotations
@@ -106,6 +108,11 @@ def test_pairs(test_dir: Path) -> Path:
     return Path(test_dir) / "pairs.png"
 
 
+def test_report(test_dir: Path) -> Path:
+    """The HTML cohort report of a test (one row per pair; pictures embedded)."""
+    return Path(test_dir) / "report.html"
+
+
 def test_image(test_dir: Path, pair: str, key: str) -> Path:
     """One output image of one pair, e.g. ``PAIR_warped_src_refined.nii.gz``."""
     return Path(test_dir) / f"{pair}_{key}.nii.gz"
@@ -135,6 +142,11 @@ def register_pair_names(sources: Sequence[str | Path]) -> list[str]:
 def register_metrics(out: Path) -> Path:
     """The metrics of every pair of ``istn register --pairs``, one row per label."""
     return Path(out) / "metrics.csv"
+
+
+def register_report(out: Path) -> Path:
+    """The HTML cohort report of ``istn register --pairs`` (links each pair's report.png)."""
+    return Path(out) / "report.html"
 
 
 # --------------------------------------------------------------- data sets and the demo

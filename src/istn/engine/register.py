@@ -147,6 +147,7 @@ class Registration:
     field: sitk.Image | None = None
     inverse_field: sitk.Image | None = None
     warped_seg: sitk.Image | None = None
+    refined: bool = False  # test-time refinement ran (else: the network's prediction)
 
 
 def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device,
@@ -159,8 +160,11 @@ def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device
         params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
                         progress, images=(src, trg))
     params = params.detach().cpu()
-    return [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i])
+    regs = [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i])
             for i in range(len(inputs))]
+    for reg in regs:
+        reg.refined = refine_iters > 0
+    return regs
 
 
 def _registration(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
@@ -237,6 +241,10 @@ def write_registration(reg: Registration, inp: PairInputs, out: Path) -> None:
                                                            sitk.sitkNearestNeighbor))
                       if inp.src_seg is not None else None)
     warped_seg = sitk.GetArrayFromImage(reg.warped_seg) if reg.warped_seg is not None else None
+    m = reg.metrics
     report.registration_figure(before, sitk.GetArrayFromImage(trg),
                                sitk.GetArrayFromImage(reg.warped), inp.trg_seg,
-                               src_seg_before, warped_seg, out / FILES["report"])
+                               src_seg_before, warped_seg, out / FILES["report"],
+                               spacing=trg.GetSpacing(), direction=trg.GetDirection(),
+                               tre=(m.get("landmark_error_identity"), m.get("landmark_error")),
+                               stage="refined" if reg.refined else "predicted")
