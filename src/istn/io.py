@@ -36,6 +36,11 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
                         "images (split time series or channels into separate files)")
     if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
         raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
+    return _scalar_float(img)
+
+
+def _scalar_float(img: sitk.Image) -> sitk.Image:
+    """float32, one channel: multi-component (e.g. RGB) voxels are averaged."""
     if img.GetNumberOfComponentsPerPixel() > 1:
         arr = sitk.GetArrayFromImage(img).astype(np.float32).mean(axis=-1)
         out = sitk.GetImageFromArray(arr)
@@ -63,12 +68,7 @@ def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") 
                         f"got {type(source).__name__}")
     if source.GetDimension() not in (2, 3):
         raise IstnError(f"{what} is {source.GetDimension()}D; istn registers 2D and 3D images")
-    if source.GetNumberOfComponentsPerPixel() > 1:
-        arr = sitk.GetArrayFromImage(source).astype(np.float32).mean(axis=-1)
-        out = sitk.GetImageFromArray(arr)
-        out.CopyInformation(source)
-        source = out
-    img = sitk.Cast(source, sitk.sitkFloat32)
+    img = _scalar_float(source)
     if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
         raise IstnError(f"{what} contains NaN or Inf values; clean or mask them first")
     return img
