@@ -462,11 +462,14 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
     for split, n, sseq in (("train", n_train, seqs[0]), ("test", n_test, seqs[1])):
         if n == 0:
             continue
-        rng = np.random.default_rng(sseq)
+        # One stream per image (drawn geometry does not depend on earlier images' sizes)
+        # and one for the pairing.
+        pair_seq, *image_seqs = sseq.spawn(1 + n)
         folder = out / split
         folder.mkdir(exist_ok=True)
         stems = []
         for k in range(n):
+            rng = np.random.default_rng(image_seqs[k])
             stem = f"{split}/brain_{k:03d}"
             code = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
             tilt = _random_rotation(rng, max_oblique_deg) if rng.random() < p_oblique else None
@@ -495,7 +498,7 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
                           "direction": grid.direction.ravel().tolist(),
                           "thick_slices": thick, "affine": affine_matrix(a).tolist()}
             stems.append(stem)
-        perm = derangement(rng, n)
+        perm = derangement(np.random.default_rng(pair_seq), n)
         pairs = [(stems[k], stems[int(perm[k])]) for k in range(n)]
         index[split] = _index_rows(pairs, ext)
         if split == "test":
