@@ -313,5 +313,7 @@ def test_benchmark_writes_json_and_table(brain_set, tmp_path, monkeypatch, capsy
     report = json.loads((tmp_path / "bench_brain.json").read_text())
     assert set(report["summary"]) == {"test", "reoriented"}
     assert report["summary"]["test"]["none"]["pairs"] == 1
+    truth = report["summary"]["reoriented"]["truth"]
+    assert truth["tre_p90"] < 1e-4 and truth["dice_gm"] > 0.85
     assert report["skipped"]["istn"] == "--skip-istn"
     assert "| reoriented | none |" in capsys.readouterr().out

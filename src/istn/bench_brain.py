@@ -9,6 +9,8 @@ transform with the same functions:
   through the method's transform, against the target's label map (labels 1 and 2).
 * TRE (mm): ``|T(x_t) - x_s|`` for the corresponding landmarks ``x_t`` (target) and
   ``x_s`` (source); mean, median and 90th percentile over all landmarks of all pairs.
+* The row ``truth`` scores the ground-truth transforms: TRE 0, and the Dice that
+  nearest-neighbour resampling of the labels leaves at best.
 * s/pair: the wall clock of the registration call only (images already in memory;
   for istn, the wall time of the whole ``istn register`` command divided by the pairs).
 
@@ -36,11 +38,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .data import read_pair_csv
 from .errors import IstnError
 from .io import write_text
 
 LABELS = {"gm": 1, "wm": 2}
 SETS = {"test": "pairs.csv", "reoriented": "pairs_reoriented.csv"}
+TRUTH = {"test": "test.transforms.csv", "reoriented": "test_reoriented.transforms.csv"}
 
 # (source path, target path, threads, seed) -> (target -> source transform, seconds)
 Method = Callable[[Path, Path, int, int], tuple[sitk.Transform, float]]
@@ -224,6 +228,19 @@ def elastix_affine(src: Path, trg: Path, threads: int = 1, seed: int = 0
     return tx, dt
 
 
+def truth_transform(src_tf: Path, trg_tf: Path) -> sitk.Transform:
+    """The ground-truth target -> source map of a pair from its images' transform files
+    (:func:`istn.brain.pair_transform`; a non-affine ``*_transform.h5`` uses the
+    ``*_inverse.h5`` beside it)."""
+    from .brain import pair_transform
+
+    inverse = None
+    if Path(src_tf).suffix == ".h5":
+        inverse = sitk.ReadTransform(str(src_tf).replace("_transform.h5", "_inverse.h5"))
+    return pair_transform(sitk.ReadTransform(str(src_tf)), sitk.ReadTransform(str(trg_tf)),
+                          inverse)
+
+
 def available_methods() -> tuple[dict[str, Method], dict[str, str]]:
     """The baselines whose packages import here, and why the others are skipped."""
     methods: dict[str, Method] = {"none": no_registration, "simpleitk": simpleitk_affine}
@@ -320,6 +337,12 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
     sets = {name: read_pairs(data / csv_name)[:limit] for name, csv_name in SETS.items()}
     per_pair: dict[str, dict[str, list[dict]]] = {name: {} for name in sets}
     for set_name, pairs in sets.items():
+        # The ground truth scored the same way: the ceiling the label resampling leaves.
+        truth = read_pair_csv(data / TRUTH[set_name], "transforms")[: len(pairs)]
+        per_pair[set_name]["truth"] = [
+            {**score_pair(truth_transform(s, t), pair), "seconds": 0.0,
+             "source": str(pair.src), "target": str(pair.trg)}
+            for (s, t), pair in zip(truth, pairs, strict=True)]
         for name, method in methods.items():
             rows = []
             for pair in pairs:
