@@ -184,6 +184,11 @@ def test_reproducible_and_cli(tmp_path, template, monkeypatch):
         assert (a / name).read_text() == (b / name).read_text()
     arr = lambda d: sitk.GetArrayFromImage(sitk.ReadImage(str(d / "test/brain_001.nii.gz")))  # noqa: E731
     np.testing.assert_array_equal(arr(a), arr(b))
+    # a rewrite drops the index files of splits it no longer writes, and only those
+    (a / "train.csv").write_text("src,trg\nx,y\n")
+    (a / "mine.csv").write_text("keep\n")
+    brain.generate_brain(a, 0, 2, seed=3, spacing=6.0, template=template)
+    assert not (a / "train.csv").exists() and (a / "mine.csv").exists()
     monkeypatch.setattr(brain, "load_template", lambda n=20: template)
     assert brain.main(["--out", str(tmp_path / "c"), "--n-train", "0", "--n-test", "2",
                        "--spacing", "6", "--seed", "3"]) == 0

@@ -443,7 +443,7 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
     ``.transforms.csv`` for ``train``, ``test`` and ``test_reoriented``; ``pairs.csv``
     and ``pairs_reoriented.csv`` for ``istn register --pairs``
     (``src,trg,src_seg,trg_seg,src_points,trg_points``, labels as segmentations);
-    ``images.json`` (each image's storage and nuisance-free parameters),
+    ``images.json`` (each image's storage geometry and its affine ``A_n`` as a 4x4 matrix),
     ``template_points.csv`` and an istn ``config.json``.  Everything derives from
     ``seed`` (numpy ``SeedSequence``), so a rerun writes the same files.
     """
@@ -452,6 +452,9 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
     if out.exists() and not out.is_dir():
         raise IstnError(f"output folder {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    # Index files go first and come back last: after a crash no CSV lists half a split.
+    for name in _index_names():
+        (out / name).unlink(missing_ok=True)
     tpl = template if template is not None else load_template(n_landmarks)
     centre = tpl.centre
     write_text(points_csv(tpl.landmarks), out / "template_points.csv")
@@ -543,6 +546,14 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
               "spacing": [float(config_spacing)] * 3, "max_translation": 0.2}
     write_text(json.dumps(config, indent=2) + "\n", out / "config.json")
     return out
+
+
+def _index_names() -> list[str]:
+    """Every index file generate_brain writes (only these are removed before a rewrite)."""
+    names = [f"{split}.{suffix}" for split in ("train", "test", "test_reoriented")
+             for suffix in ("csv", "seg.csv", "labels.csv", "points.csv", "transforms.csv")]
+    return [*names, "pairs.csv", "pairs_reoriented.csv", "images.json", "config.json",
+            "template_points.csv"]
 
 
 def write_atomic_copy(src: Path, dst: Path) -> None:
