@@ -167,7 +167,7 @@ def simpleitk_affine(src: Path, trg: Path, threads: int = 1, seed: int = 0
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, seed)
+    reg.SetMetricSamplingPercentage(0.1, seed + 1)  # seed 0 would mean the wall clock
     reg.SetInterpolator(sitk.sitkLinear)
     # Regular-step descent: plain gradient descent with the usual convergence window
     # stopped after about ten iterations per level here, several mm short of the optimum.
@@ -208,7 +208,7 @@ def elastix_affine(src: Path, trg: Path, threads: int = 1, seed: int = 0
     moving = itk.imread(str(src), itk.F)
     params = itk.ParameterObject.New()
     pmap = params.GetDefaultParameterMap("affine")
-    pmap["RandomSeed"] = [str(seed)]
+    pmap["RandomSeed"] = [str(seed + 1)]
     pmap["WriteResultImage"] = ["false"]
     params.AddParameterMap(pmap)
     with tempfile.TemporaryDirectory(prefix="istn-elastix-") as tmp:
