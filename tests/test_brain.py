@@ -166,12 +166,14 @@ def test_csvs_and_config(brain_set):
             assert len(rows) == (2 if split == "train" else 4)
             assert all(p.is_file() for pair in rows for p in pair)
             assert all(s != t for s, t in rows)
-    header = (brain_set / "pairs.csv").read_text().splitlines()[0]
-    assert header == "src,trg,src_seg,trg_seg,src_points,trg_points"
-    from istn.cli_register import _pairs_from_csv
-
-    pairs, segs, pts = _pairs_from_csv(brain_set / "pairs.csv")
-    assert len(pairs) == 4 and segs is not None and pts is not None
+    # istn register --pairs: the columns it accepts, label maps as segmentations
+    for name in ("pairs.csv", "pairs_reoriented.csv"):
+        lines = (brain_set / name).read_text().splitlines()
+        assert lines[0] == "src,trg,src_seg,trg_seg,src_points,trg_points" and len(lines) == 5
+        for row in lines[1:]:
+            cells = row.split(",")
+            assert all((brain_set / c).is_file() for c in cells)
+            assert cells[2].endswith("_labels.nii.gz") and cells[4].endswith("_points.csv")
     cfg = load_config(brain_set / "config.json")
     assert cfg.dim == 3 and cfg.normalizer_img == "range_matching"
     assert cfg.max_translation == 0.2
