@@ -196,6 +196,13 @@ def test_reproducible_and_cli(tmp_path, template, monkeypatch):
                        "--spacing", "6", "--seed", "3"]) == 0
     assert (tmp_path / "c" / "pairs.csv").read_text() == (a / "pairs.csv").read_text()
     assert brain.main(["--out", str(tmp_path / "d"), "--n-test", "1"]) == 2
+    # the same set through `istn synth brain`
+    from istn.cli import main
+
+    assert main(["synth", "brain", "--out", str(tmp_path / "e"), "--pairs", "0", "--test", "2",
+                 "--seed", "3"]) == 0
+    assert (tmp_path / "e" / "config.json").is_file() and (tmp_path / "e" / "test.csv").is_file()
+    assert main(["synth", "brain", "--out", str(tmp_path / "f"), "--size", "64", "64"]) == 2
 
 
 def test_missing_nilearn_names_the_extra(monkeypatch):
