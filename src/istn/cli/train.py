@@ -91,7 +91,8 @@ def reg_parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_model_kind(p, True)
     p.add_argument("--model", help="model folder or checkpoint to test "
-                   f"(default {model_dir_name()})")
+                   f"(default {model_dir_name()}); with --train it can only be "
+                   f"{model_dir_name()}, where the model is written")
     _add_train(p, False)
     _add_test(p, False)
     return p
@@ -218,27 +219,41 @@ def cmd_reg(args: argparse.Namespace) -> None:
     device = setup_device(args.dev)
     out = Path(args.out)
     model = args.model
+    if args.train:  # the model tested is the one trained: --model may only name its folder
+        _check_trained_model(model, out)
+        model = None
     test_set = None
     if args.train and args.test:
         # check the test side before training, so that no error waits for the end of training
         prepare_out(out, layout.test_summary(layout.test_dir(out)), args.overwrite,
                     args.resume, create=False)
-        if model is None:
-            from ..data import load_pairs
+        from ..data import load_pairs
 
-            test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
-                                  args.test_points, args.test_transforms, part=_part())
-        else:
-            from ..engine.checkpoint import load_model
-
-            load_model(model, cfg, args.loss, args.transformation)
+        test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
+                              args.test_points, args.test_transforms, part=_part())
     if args.train:
-        model_dir = do_train(args, cfg, device)
-        model = model or str(model_dir)
+        model = str(do_train(args, cfg, device))
     if args.test:
         if model is None:
             model = str(layout.model_dir(out))
         do_test(args, cfg, device, model, test_set)
+
+
+def _check_trained_model(model: str | None, out: Path) -> None:
+    """With --train, --model can only name the folder training writes (the published form).
+
+    Writing the model elsewhere too would leave two copies to keep in step, so another
+    folder is refused.
+    """
+    if model is None:
+        return
+    where = layout.model_dir(out)
+    given = Path(model)
+    if given.name == layout.CHECKPOINT:
+        given = given.parent
+    if given.resolve() != where.resolve():
+        raise IstnError(f"--model '{model}' with --train: the model is written to '{where}' "
+                        "(--out's train/model); give that folder or leave --model out")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
