@@ -58,3 +58,70 @@ def test_reg_train_with_another_model_folder_is_refused(data, tmp_path, monkeypa
     user_error(capsys, reg_args(data, "--model", "elsewhere"), "--model 'elsewhere'",
                "OUT/train/model", reg=True)
     assert not (tmp_path / "OUT").exists()
+
+
+# ------------------------------------------------------- 2: register --overwrite replaces all
+
+
+@pytest.fixture(scope="module")
+def regsetup(tmp_path_factory) -> Path:
+    """An untrained affine STN-u model folder, two 2D images and a label map."""
+    import torch
+
+    from istn.config import load_config
+    from istn.engine.checkpoint import save_checkpoint
+    from istn.engine.model import Model
+
+    d = tmp_path_factory.mktemp("reg")
+    cfg = load_config(None, {"size": [48, 48], "spacing": [1.0, 1.0], "refine": 0})
+    torch.manual_seed(0)
+    (d / "model").mkdir()
+    save_checkpoint(Model.build(cfg, "u", "affine"), d / "model" / "checkpoint.pt")
+    rng = np.random.default_rng(0)
+    for name in ("s", "t"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.random((50, 52)).astype(np.float32)),
+                        str(d / f"{name}.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray((rng.random((50, 52)) > 0.5).astype(np.uint8)),
+                    str(d / "seg.nii.gz"))
+    return d
+
+
+def register_args(d: Path, out: Path, *extra: str) -> list[str]:
+    return ["register", "--model", str(d / "model"), "--source", str(d / "s.nii.gz"),
+            "--target", str(d / "t.nii.gz"), "--out", str(out), "--quiet", "--dev", "cpu",
+            *extra]
+
+
+def test_register_overwrite_replaces_the_whole_result_set(regsetup, tmp_path, capsys):
+    out = tmp_path / "reg"
+    assert main(register_args(regsetup, out, "--source-seg", str(regsetup / "seg.nii.gz"))) == 0
+    (out / "displacement.nii.gz").write_bytes(b"an earlier B-spline run's field")
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(register_args(regsetup, out, "--overwrite")) == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert "warped_source_seg.nii.gz" not in names and "displacement.nii.gz" not in names
+    assert {"warped_source.nii.gz", "transform.tfm", "notes.txt"} <= names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg"]  # no staging left behind
+
+
+def test_register_failing_midway_keeps_the_old_result_set(regsetup, tmp_path, capsys,
+                                                           monkeypatch):
+    import errno
+
+    import istn.report
+
+    out = tmp_path / "reg"
+    assert main(register_args(regsetup, out, "--source-seg", str(regsetup / "seg.nii.gz"))) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(istn.report, "registration_figure", full_disk)
+    swapped = register_args(regsetup, out, "--overwrite")  # other files than the first run's
+    swapped[swapped.index("--source") + 1] = str(regsetup / "t.nii.gz")
+    swapped[swapped.index("--target") + 1] = str(regsetup / "s.nii.gz")
+    assert main(swapped) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg"]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import layout
 from .errors import IstnError
 
 
@@ -118,6 +120,44 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_folder(folder: str | Path, write: Callable[[Path], object],
+                   results: Collection[str] = ()) -> None:
+    """Write a set of result files as a whole: ``write(tmp)`` fills a sibling folder,
+    which then replaces ``folder``.
+
+    A failure (a full disk) leaves the old folder as it was or the new one complete,
+    never old files next to new ones. Entries of the old folder not named in
+    ``results`` (the user's own files) are moved into the new one.
+    """
+    folder = Path(folder).absolute()
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise IstnError(f"output folder '{folder}' holds the working folder; its results are "
+                        "replaced as a whole: give a folder of its own")
+    new, old = layout.staging_dir(folder), layout.replaced_dir(folder)
+    for leftover in (new, old):  # from a run that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    new.mkdir(parents=True)
+    try:
+        write(new)
+        if folder.exists():
+            os.rename(folder, old)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        if old.exists():
+            os.rename(old, folder)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if old.exists():
+        for entry in old.iterdir():
+            if entry.name not in results:
+                os.replace(entry, folder / entry.name)
+        shutil.rmtree(old)
 
 
 def write_image(image: sitk.Image, path: str | Path) -> None:

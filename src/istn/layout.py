@@ -26,7 +26,9 @@ An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg
 
 ``istn register --out OUT`` writes one pair's files (register_file) into OUT, or
 with ``--pairs`` one folder per pair (register_pair_names) and ``OUT/metrics.csv``
-(register_metrics). A synthetic data set (``istn synth``) lists its pairs in
+(register_metrics); a pair's folder is written as ``.NAME.istn-new`` (staging_dir) and
+renamed into place, the one it replaces renamed to ``.NAME.istn-old`` (replaced_dir)
+first. A synthetic data set (``istn synth``) lists its pairs in
 ``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside ``ROOT/config.json`` (dataset_config).
 """
 
@@ -129,6 +131,18 @@ def register_pair_names(sources: Sequence[str | Path]) -> list[str]:
     The row number keeps pairs with the same source file name apart.
     """
     return [f"{i:04d}_{Path(s).name.split('.')[0]}" for i, s in enumerate(sources)]
+
+
+def staging_dir(folder: Path) -> Path:
+    """``.NAME.istn-new`` beside ``folder``: results being written (istn.io.replace_folder)."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.istn-new"
+
+
+def replaced_dir(folder: Path) -> Path:
+    """``.NAME.istn-old`` beside ``folder``: the previous results while the new ones move in."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.istn-old"
 
 
 def register_metrics(out: Path) -> Path:
