@@ -125,3 +125,49 @@ def test_register_failing_midway_keeps_the_old_result_set(regsetup, tmp_path, ca
     assert "No space left" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reg"]
+
+
+# ----------------------------------------------------------- 3: unique pair names in istn test
+
+
+def test_pair_names_are_unique_and_unchanged_when_already_unique():
+    from istn.data import pair_names
+
+    assert pair_names([Path("d/a.png"), Path("d/b.nii.gz")]) == ["a", "b"]
+    assert pair_names([Path("/x/sub-01/anat/T1w.nii.gz"), Path("/x/sub-02/anat/T1w.nii.gz"),
+                       Path("/x/sub-02/anat/T2w.nii.gz")]) == \
+        ["sub-01_anat_T1w", "sub-02_anat_T1w", "T2w"]
+    assert pair_names([Path("a/T1w.png"), Path("a/T1w.png")]) == ["T1w", "T1w_2"]
+
+
+def test_istn_test_keeps_pairs_with_the_same_file_name_apart(data, regsetup, tmp_path, capsys):
+    import csv
+    import shutil
+
+    import yaml
+
+    from istn.data import read_pair_csv
+
+    rows, segs = [], []
+    for i, ((s, t), (ss, ts)) in enumerate(zip(read_pair_csv(data / "test.csv"),
+                                               read_pair_csv(data / "test.seg.csv"),
+                                               strict=True)):
+        d = tmp_path / f"sub-0{i + 1}" / "anat"
+        d.mkdir(parents=True)
+        for src, name in ((s, "T1w.png"), (t, "target.png"), (ss, "T1w_seg.png"),
+                          (ts, "target_seg.png")):
+            shutil.copy(src, d / name)
+        rows.append((d / "T1w.png", d / "target.png"))
+        segs.append((d / "T1w_seg.png", d / "target_seg.png"))
+    for name, rs in (("test.csv", rows), ("test.seg.csv", segs)):
+        with open(tmp_path / name, "w", newline="") as f:
+            csv.writer(f).writerows([("src", "trg"), *rs])
+    out = tmp_path / "OUT"
+    assert main(["test", "--model", str(regsetup / "model"), "--test", str(tmp_path / "test.csv"),
+                 "--test_seg", str(tmp_path / "test.seg.csv"), "--out", str(out), "--quiet",
+                 "--dev", "cpu", "--no_refine"]) == 0, capsys.readouterr().err
+    results = yaml.safe_load((out / "test" / "test_results.yml").read_text())
+    text = yaml.safe_dump(results)
+    assert "sub-01_anat_T1w" in text and "sub-02_anat_T1w" in text
+    assert (out / "test" / "sub-01_anat_T1w_warped_src.nii.gz").is_file()
+    assert (out / "test" / "sub-02_anat_T1w_warped_src.nii.gz").is_file()

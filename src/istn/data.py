@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,10 +256,47 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
             raise IstnError(f"{key} CSV '{path}' lists {len(extra[key])} pairs but image CSV "
                             f"'{images}' lists {len(pairs)}; the CSVs must be parallel")
     rank, world = part
+    names = pair_names([s for s, _ in pairs])[rank::world]  # unique over every shard
     pairs = pairs[rank::world]
     extra = {k: v[rank::world] if v is not None else None for k, v in extra.items()}
     return load_pair_lists(cfg, pairs, extra["seg"], extra["mask"], extra["points"],
-                           extra["transforms"])
+                           extra["transforms"], names)
+
+
+def pair_names(sources: list[Path | sitk.Image]) -> list[str]:
+    """A unique name per pair: the source file's stem (``pairN`` for an image in memory).
+
+    Where stems repeat (``sub-01/anat/T1w.nii.gz``, ``sub-02/anat/T1w.nii.gz``) the
+    shortest run of parent folders that tells them apart is prepended
+    (``sub-01_anat_T1w``); output files and result rows are named after it.
+    """
+    def name(i: int, depth: int) -> str:
+        s = sources[i]
+        if isinstance(s, sitk.Image):
+            return f"pair{i + 1}"
+        folders = list(Path(s).parent.parts[1:] if Path(s).is_absolute()
+                       else Path(s).parent.parts)
+        kept = folders[max(len(folders) - depth, 0):] if depth else []
+        return "_".join([*kept, Path(s).name.split(".")[0]])
+
+    depth = [0] * len(sources)
+    while True:
+        names = [name(i, d) for i, d in enumerate(depth)]
+        counts = Counter(names)
+        # files that share a name (not one file listed twice) take one more folder
+        distinct = Counter(n for n, _ in {(n, str(s)) for n, s in zip(names, sources, strict=True)})
+        grow = [i for i, n in enumerate(names)
+                if distinct[n] > 1 and name(i, depth[i] + 1) != n]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    seen: Counter[str] = Counter()
+    for i, n in enumerate(names):  # the same file listed twice: number the repeats
+        seen[n] += 1
+        if counts[n] > 1 and seen[n] > 1:
+            names[i] = f"{n}_{seen[n]}"
+    return names
 
 
 Pairs = list[tuple[Path, Path]]
@@ -279,10 +317,12 @@ def _point_csvs(points: Pairs | None) -> bool:
 
 def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                     masks: Pairs | None = None, points: Pairs | None = None,
-                    transforms: Pairs | None = None) -> PairSet:
+                    transforms: Pairs | None = None, names: list[str] | None = None
+                    ) -> PairSet:
     """Load pairs given as parallel lists of (source, target) onto the network grid.
 
-    The images of ``pairs`` are paths or ``sitk.Image`` objects (named ``pairN``).
+    The images of ``pairs`` are paths or ``sitk.Image`` objects; ``names`` defaults
+    to :func:`pair_names`.
     """
     extra = {"seg": segs, "mask": masks, "points": points, "transforms": transforms}
     keys = ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")
@@ -313,12 +353,12 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                 # On the image's own network grid (its centre, not the segmentation's).
                 arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what, sres)[0])
                 arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what, tres)[0])
-        ps.names.append(f"pair{i + 1}" if isinstance(s, sitk.Image) else Path(s).name.split(".")[0])
         ps.src_file.append(Geometry.of(sfile))
         ps.trg_file.append(Geometry.of(tfile))
         ps.src_grid.append(Geometry.of(sres))
         ps.trg_grid.append(Geometry.of(tres))
         ps.references.append(tres)
+    ps.names = names if names is not None else pair_names([s for s, _ in pairs])
     if extra["transforms"] is not None:
         from .synth import read_transform
 
