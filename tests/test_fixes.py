@@ -171,3 +171,26 @@ def test_istn_test_keeps_pairs_with_the_same_file_name_apart(data, regsetup, tmp
     assert "sub-01_anat_T1w" in text and "sub-02_anat_T1w" in text
     assert (out / "test" / "sub-01_anat_T1w_warped_src.nii.gz").is_file()
     assert (out / "test" / "sub-02_anat_T1w_warped_src.nii.gz").is_file()
+
+
+# ---------------------------------------------------------- 4: alpha and colour channels
+
+
+def test_rgba_png_drops_alpha_and_rgb_warns(tmp_path, capsys):
+    from istn.io import as_image, read_image
+
+    grey = np.zeros((9, 11), np.uint8)
+    grey[3:6, 4:8] = 200
+    rgba = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
+    path = tmp_path / "rgba.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgba, isVector=True), str(path))
+    arr = sitk.GetArrayFromImage(read_image(path))
+    assert arr.min() == 0 and arr.max() == 200  # background stays 0 (not 63.75)
+    assert capsys.readouterr().err == ""  # grey stored as RGBA: nothing to say
+    la = sitk.GetImageFromArray(np.stack([grey, np.full_like(grey, 255)], -1), isVector=True)
+    assert sitk.GetArrayFromImage(as_image(la)).max() == 200
+    rgb = np.stack([grey, grey // 2, np.zeros_like(grey)], axis=-1)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "rgb.png"))
+    read_image(tmp_path / "rgb.png")
+    err = capsys.readouterr().err
+    assert err.startswith("istn: warning: ") and "rgb.png" in err and "colour" in err

@@ -6,6 +6,7 @@ import gzip
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -20,7 +21,8 @@ from .errors import IstnError
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read any SimpleITK-supported image as float32 scalar image, geometry kept.
 
-    Multi-component (e.g. RGB PNG) images are averaged to one channel.
+    An alpha channel is dropped; colour (RGB) images are averaged to one channel, with a
+    warning.
     """
     p = Path(path)
     if p.is_dir():
@@ -38,19 +40,14 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
                         "images (split time series or channels into separate files)")
     if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
         raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        arr = sitk.GetArrayFromImage(img).astype(np.float32).mean(axis=-1)
-        out = sitk.GetImageFromArray(arr)
-        out.CopyInformation(img)
-        img = out
-    return sitk.Cast(img, sitk.sitkFloat32)
+    return sitk.Cast(_scalar(img, f"{what} '{p}'"), sitk.sitkFloat32)
 
 
 def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") -> sitk.Image:
     """A float32 scalar image from a file, an ``sitk.Image`` or a numpy array.
 
     Files are read with :func:`read_image`. An ``sitk.Image`` keeps its geometry
-    (multi-component images are averaged to one channel, as files are). A numpy array
+    (multi-component images become one channel, as files do). A numpy array
     is in SimpleITK order (z, y, x) and gets unit spacing, zero origin and the identity
     direction: give an ``sitk.Image`` for anything else.
     """
@@ -65,15 +62,33 @@ def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") 
                         f"got {type(source).__name__}")
     if source.GetDimension() not in (2, 3):
         raise IstnError(f"{what} is {source.GetDimension()}D; istn registers 2D and 3D images")
-    if source.GetNumberOfComponentsPerPixel() > 1:
-        arr = sitk.GetArrayFromImage(source).astype(np.float32).mean(axis=-1)
-        out = sitk.GetImageFromArray(arr)
-        out.CopyInformation(source)
-        source = out
-    img = sitk.Cast(source, sitk.sitkFloat32)
+    img = sitk.Cast(_scalar(source, what), sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
         raise IstnError(f"{what} contains NaN or Inf values; clean or mask them first")
     return img
+
+
+# integer vector pixels: PNG, TIFF, JPEG colours, whose last channel of 2 or 4 is alpha
+_COLOUR_TYPES = (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16)
+
+
+def _scalar(img: sitk.Image, what: str) -> sitk.Image:
+    """One channel: alpha dropped (it is no intensity); colours averaged, with a warning.
+
+    ``what`` names the image (with its file).
+    """
+    n = img.GetNumberOfComponentsPerPixel()
+    if n == 1:
+        return img
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if n in (2, 4) and img.GetPixelID() in _COLOUR_TYPES:
+        arr = arr[..., :-1]
+    if arr.shape[-1] > 1 and not (arr == arr[..., :1]).all():
+        print(f"istn: warning: {what} has {arr.shape[-1]} colour channels; using their mean "
+              "as grey value (convert it to a grey-value image to choose)", file=sys.stderr)
+    out = sitk.GetImageFromArray(arr.mean(axis=-1))
+    out.CopyInformation(img)
+    return out
 
 
 def _nifti_finite(path: Path) -> bool:
