@@ -194,3 +194,24 @@ def test_rgba_png_drops_alpha_and_rgb_warns(tmp_path, capsys):
     read_image(tmp_path / "rgb.png")
     err = capsys.readouterr().err
     assert err.startswith("istn: warning: ") and "rgb.png" in err and "colour" in err
+
+
+# ------------------------------------------------------------------ 5: degenerate images
+
+
+@pytest.mark.parametrize("shape", [(1, 20, 20), (20, 1)])
+def test_image_one_voxel_thick_is_refused_by_name(regsetup, tmp_path, capsys, shape):
+    from istn.errors import IstnError
+    from istn.io import as_image, read_image
+
+    path = tmp_path / "thin.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones(shape, np.float32)), str(path))
+    with pytest.raises(IstnError, match="thin.nii.gz.*1 voxel thick"):
+        read_image(path)
+    with pytest.raises(IstnError, match="1 voxel thick"):
+        as_image(np.ones(shape, np.float32))
+    if len(shape) == 2:
+        argv = register_args(regsetup, tmp_path / "o")
+        argv[argv.index("--source") + 1] = str(path)
+        user_error(capsys, argv, "thin.nii.gz", "1 voxel thick")
+        assert not (tmp_path / "o").exists()

@@ -22,7 +22,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read any SimpleITK-supported image as float32 scalar image, geometry kept.
 
     An alpha channel is dropped; colour (RGB) images are averaged to one channel, with a
-    warning.
+    warning; images 1 voxel thick along an axis are refused.
     """
     p = Path(path)
     if p.is_dir():
@@ -75,8 +75,13 @@ _COLOUR_TYPES = (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16)
 def _scalar(img: sitk.Image, what: str) -> sitk.Image:
     """One channel: alpha dropped (it is no intensity); colours averaged, with a warning.
 
-    ``what`` names the image (with its file).
+    ``what`` names the image (with its file). Also refuses images without extent
+    along an axis (a single slice, a line): they cannot be resampled onto a grid.
     """
+    if min(img.GetSize()) < 2:
+        raise IstnError(f"{what} has size {list(img.GetSize())}: it is 1 voxel thick along an "
+                        "axis (a single slice or line); give at least 2 voxels per axis "
+                        "(store a single slice as a 2D image)")
     n = img.GetNumberOfComponentsPerPixel()
     if n == 1:
         return img
