@@ -215,3 +215,22 @@ def test_image_one_voxel_thick_is_refused_by_name(regsetup, tmp_path, capsys, sh
         argv[argv.index("--source") + 1] = str(path)
         user_error(capsys, argv, "thin.nii.gz", "1 voxel thick")
         assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------- 6: segmentation size differs in training
+
+
+def test_training_segmentation_of_another_size_is_refused(data, tmp_path, capsys):
+    from istn.data import read_pair_csv
+
+    (s, t), (_, ts) = read_pair_csv(data / "train.csv")[0], read_pair_csv(data / "train.seg.csv")[0]
+    small = tmp_path / "small_seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((10, 10), np.float32)), str(small))
+    (tmp_path / "p.csv").write_text(f"src,trg\n{s},{t}\n")
+    (tmp_path / "p.seg.csv").write_text(f"src,trg\n{small},{ts}\n")
+    out = tmp_path / "o"
+    user_error(capsys, ["train", "--config", str(data / "config.json"), "--train",
+                        str(tmp_path / "p.csv"), "--train_seg", str(tmp_path / "p.seg.csv"),
+                        "--out", str(out), "--epochs", "1", "--quiet", "--dev", "cpu"],
+               "small_seg.nii.gz", str(s), "must match")
+    assert not out.exists()

@@ -315,6 +315,13 @@ def _point_csvs(points: Pairs | None) -> bool:
     return kinds.pop()
 
 
+def _check_same_size(seg: sitk.Image, seg_path, img: sitk.Image, img_path) -> None:
+    if seg.GetSize() != img.GetSize():
+        raise IstnError(f"segmentation '{seg_path}' has size {list(seg.GetSize())} but its "
+                        f"image '{img_path}' has size {list(img.GetSize())}; segmentations "
+                        "must match their image")
+
+
 def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                     masks: Pairs | None = None, points: Pairs | None = None,
                     transforms: Pairs | None = None, names: list[str] | None = None
@@ -351,8 +358,13 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                 ss, ts = extra[key][i]
                 prefix = "seg" if key == "seg" else "pts"
                 # On the image's own network grid (its centre, not the segmentation's).
-                arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what, sres)[0])
-                arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what, tres)[0])
+                sv = load_volume(ss, cfg, kind, None, what, sres)
+                tv = load_volume(ts, cfg, kind, None, what, tres)
+                if key == "seg":  # as istn register: a SoI must cover its image voxel by voxel
+                    _check_same_size(sv[2], ss, sfile, s)
+                    _check_same_size(tv[2], ts, tfile, t)
+                arrays[f"src_{prefix}"].append(sv[0])
+                arrays[f"trg_{prefix}"].append(tv[0])
         ps.src_file.append(Geometry.of(sfile))
         ps.trg_file.append(Geometry.of(tfile))
         ps.src_grid.append(Geometry.of(sres))
