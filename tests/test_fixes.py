@@ -234,3 +234,33 @@ def test_training_segmentation_of_another_size_is_refused(data, tmp_path, capsys
                         "--out", str(out), "--epochs", "1", "--quiet", "--dev", "cpu"],
                "small_seg.nii.gz", str(s), "must match")
     assert not out.exists()
+
+
+# ----------------------------------------- 7: a points z on 2D, an unknown --pairs column
+
+
+def test_points_with_z_on_a_2d_transform_are_refused(regsetup, tmp_path, capsys):
+    from istn.data import read_points
+    from istn.errors import IstnError
+
+    pts = tmp_path / "p.csv"
+    pts.write_text("x,y,z\n1,2,3\n")
+    with pytest.raises(IstnError, match="p.csv.*x,y,z.*2D"):
+        read_points(pts, 2)
+    assert read_points(pts, 3).shape == (1, 3)
+    tfm = tmp_path / "t.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(tfm))
+    user_error(capsys, ["points", "--transform", str(tfm), "--points", str(pts), "--out",
+                        str(tmp_path / "o.csv")], "p.csv", "x,y,z")
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_pairs_csv_with_an_unknown_column_is_refused(regsetup, tmp_path, capsys):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"src,trg,src_segmentation\n{regsetup / 's.nii.gz'},"
+                     f"{regsetup / 't.nii.gz'},{regsetup / 'seg.nii.gz'}\n")
+    argv = register_args(regsetup, tmp_path / "o")
+    for flag in ("--source", "--target"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    user_error(capsys, [*argv, "--pairs", str(pairs)], "pairs.csv", "src_segmentation")
+    assert not (tmp_path / "o").exists()

@@ -72,8 +72,12 @@ def read_points(path: Path, dim: int) -> np.ndarray:
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     want = ["x", "y", "z"][:dim]
-    if not rows or [c.strip() for c in rows[0]][:dim] != want:
+    header = [c.strip() for c in rows[0]] if rows else []
+    if header[:dim] != want:
         raise IstnError(f"points CSV '{path}' must start with the header '{','.join(want)}'")
+    if len(header) > dim:  # e.g. x,y,z for a 2D transform: dropping z would be silent
+        raise IstnError(f"points CSV '{path}' has the columns '{','.join(header)}' but the "
+                        f"images and transform are {dim}D; give exactly '{','.join(want)}'")
     try:
         pts = np.array([[float(v) for v in r[:dim]] for r in rows[1:]], dtype=float)
     except ValueError:

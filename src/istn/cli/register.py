@@ -58,6 +58,9 @@ def add_parsers(sub) -> None:
     add_options(p, "debug")
 
 
+PAIR_COLUMNS = ("src", "trg", "src_seg", "trg_seg", "src_points", "trg_points")
+
+
 def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
     from ..data import _resolve
 
@@ -71,6 +74,10 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
     if not rows or not {"src", "trg"} <= set(rows[0]):
         raise IstnError(f"pairs CSV '{path}' needs a header with columns src,trg "
                         "(optional src_seg,trg_seg,src_points,trg_points)")
+    unknown = [c for c in rows[0] if c not in PAIR_COLUMNS]
+    if unknown:  # a misspelt optional column would otherwise be ignored
+        raise IstnError(f"pairs CSV '{path}' has the unknown column(s) "
+                        f"{','.join(map(str, unknown))}; the columns are {','.join(PAIR_COLUMNS)}")
     get = lambda r, k: _resolve(r[k].strip(), path) if r.get(k) else None  # noqa: E731
     pairs = [(get(r, "src"), get(r, "trg")) for r in rows]
     if any(s is None or t is None for s, t in pairs):
