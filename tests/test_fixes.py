@@ -264,3 +264,16 @@ def test_pairs_csv_with_an_unknown_column_is_refused(regsetup, tmp_path, capsys)
         del argv[argv.index(flag):argv.index(flag) + 2]
     user_error(capsys, [*argv, "--pairs", str(pairs)], "pairs.csv", "src_segmentation")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- 8: YAML 1.2-style floats
+
+
+def test_yaml_floats_without_a_dot(tmp_path):
+    from istn.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-3\nrefine_learning_rate: 5E-2\nepochs: 3\n"
+                    "size: [48, 48]\nspacing: [1.0, 1.0]\n")
+    cfg = load_config(path)
+    assert cfg.learning_rate == 1e-3 and cfg.refine_learning_rate == 5e-2 and cfg.epochs == 3
