@@ -277,3 +277,25 @@ def test_yaml_floats_without_a_dot(tmp_path):
                     "size: [48, 48]\nspacing: [1.0, 1.0]\n")
     cfg = load_config(path)
     assert cfg.learning_rate == 1e-3 and cfg.refine_learning_rate == 5e-2 and cfg.epochs == 3
+
+
+# ------------------------------------------------------------------------ 9: "1 pair"
+
+
+def test_messages_say_1_pair_and_1_epoch(data, regsetup, tmp_path, capsys):
+    from istn.data import read_pair_csv
+
+    (s, t), (ss, ts) = read_pair_csv(data / "train.csv")[0], read_pair_csv(
+        data / "train.seg.csv")[0]
+    (tmp_path / "p.csv").write_text(f"src,trg\n{s},{t}\n")
+    (tmp_path / "p.seg.csv").write_text(f"src,trg\n{ss},{ts}\n")
+    assert main(["train", "--config", str(data / "config.json"), "--train",
+                 str(tmp_path / "p.csv"), "--train_seg", str(tmp_path / "p.seg.csv"),
+                 "--out", str(tmp_path / "o"),
+                 "--epochs", "1", "--batch_size", "1", "--quiet", "--dev", "cpu"]) == 0
+    assert " on 1 pair (1 epoch, batch 1)" in capsys.readouterr().out
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"src,trg\n{regsetup / 's.nii.gz'},{regsetup / 't.nii.gz'}\n")
+    assert main(["register", "--model", str(regsetup / "model"), "--pairs", str(pairs), "--out",
+                 str(tmp_path / "r"), "--quiet", "--dev", "cpu"]) == 0
+    assert "registered 1 pair;" in capsys.readouterr().out

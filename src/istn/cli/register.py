@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import layout
-from ..errors import IstnError
+from ..errors import IstnError, count
 from .common import add_command, add_options, model_dir_name, setup_device
 
 
@@ -140,7 +140,7 @@ def cmd_register(args: argparse.Namespace) -> None:
     if args.pairs:
         write_text(_metrics_csv(names, results), layout.register_metrics(out))
         procs = f" on {d.world} processes" if d.active else ""
-        print(f"registered {len(pairs)} pairs{procs}; results in '{out}' "
+        print(f"registered {count(len(pairs), 'pair')}{procs}; results in '{out}' "
               f"({layout.register_metrics(out).name})")
     else:
         print(f"registered '{args.source}' to '{args.target}'; results in '{out}'")

@@ -49,8 +49,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = generate(args.out, dim=dim, n_train=n, n_val=args.val, n_test=args.test,
                    size=args.size, seed=args.seed)
-    print(f"wrote {args.dim} synthetic data ({n} train, {args.val} val, {args.test} test "
-          f"pairs) to '{out}' in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.dim} synthetic data (pairs: {n} train, {args.val} val, {args.test} "
+          f"test) to '{out}' in {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from .. import layout
 from ..config import LEGACY_DEFAULTS, Config, load_config
-from ..errors import IstnError
+from ..errors import IstnError, count
 from ..spatial import TRANSFORMATIONS
 from .common import add_command, add_options, model_dir_name, prepare_out, say, setup_device
 
@@ -164,8 +164,8 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device) -> Pat
             f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
     world = distributed.current().world
     on = f"{world} processes ({device.type})" if world > 1 else str(device)
-    say(f"training {args.transformation} {args.loss} on {len(train_set)} pairs "
-        f"({cfg.epochs} epochs, batch {cfg.batch_size}) on {on}; output in '{out}'")
+    say(f"training {args.transformation} {args.loss} on {count(len(train_set), 'pair')} "
+        f"({count(cfg.epochs, 'epoch')}, batch {cfg.batch_size}) on {on}; output in '{out}'")
     t0 = time.perf_counter()
     model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
                       args.save_temp, progress=not args.quiet)
@@ -204,7 +204,7 @@ def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
     if summary is not None:
         print(format_table(summary))
         procs = distributed.current().world
-        print(f"tested {summary['pairs']} pairs in {summary['seconds']:.1f} s"
+        print(f"tested {count(summary['pairs'], 'pair')} in {summary['seconds']:.1f} s"
               f"{f' on {procs} processes' if procs > 1 else ''}; results in '{test_dir}'")
     return summary
 

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from .. import layout, report
 from ..config import Config
 from ..data import PairSet
-from ..errors import IstnError
+from ..errors import IstnError, count
 from ..io import write_text
 from ..losses import needs_seg
 from ..metrics import mean_metrics
@@ -284,7 +284,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     if run.stop.signum is not None:  # the request came during the last epoch: training is done
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(run.stop.signum).name} after training all "
-            f"{model.cfg.epochs} epochs; the model is in '{run.model_dir}'",
+            f"{count(model.cfg.epochs, 'epoch')}; the model is in '{run.model_dir}'",
             128 + run.stop.signum)
     return run.model_dir
 
@@ -468,7 +468,7 @@ def _resume(run: _Run) -> TrainState:
     if extra.get("seed", run.seed) != run.seed:
         diffs.append(f"--seed {extra['seed']} (asked: {run.seed})")
     if extra.get("pairs", len(run.train_set)) != len(run.train_set):
-        diffs.append(f"{extra['pairs']} training pairs (given: {len(run.train_set)})")
+        diffs.append(f"{count(extra['pairs'], 'training pair')} (given: {len(run.train_set)})")
     if diffs:
         raise IstnError(f"--resume: checkpoint '{path}' was trained with {'; '.join(diffs)}; "
                         "resume with the same data, seed and options (only epochs, "
