@@ -299,3 +299,27 @@ def test_messages_say_1_pair_and_1_epoch(data, regsetup, tmp_path, capsys):
     assert main(["register", "--model", str(regsetup / "model"), "--pairs", str(pairs), "--out",
                  str(tmp_path / "r"), "--quiet", "--dev", "cpu"]) == 0
     assert "registered 1 pair;" in capsys.readouterr().out
+
+
+# ----------------------------------------------- 10: a pickle that runs code, said plainly
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("true",)
+
+
+def test_checkpoint_that_runs_code_says_so_without_torchs_advice(tmp_path, capsys):
+    import torch
+
+    from istn.engine.checkpoint import read_checkpoint
+    from istn.errors import IstnError
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"meta": {"format": "istn-checkpoint"}, "x": _RunsCode()}, evil)
+    with pytest.raises(IstnError) as e:
+        read_checkpoint(evil)
+    assert "evil.pt" in str(e.value) and "loading it would run code" in str(e.value)
+    assert "system" in str(e.value) and "weights_only" not in str(e.value)
