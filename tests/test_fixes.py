@@ -323,3 +323,50 @@ def test_checkpoint_that_runs_code_says_so_without_torchs_advice(tmp_path, capsy
         read_checkpoint(evil)
     assert "evil.pt" in str(e.value) and "loading it would run code" in str(e.value)
     assert "system" in str(e.value) and "weights_only" not in str(e.value)
+
+
+# ------------------------------------- 11: PNG outputs, names without extension, full disks
+
+
+def apply_args(regsetup: Path, tmp_path: Path, out: str) -> list[str]:
+    tfm = tmp_path / "t.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(tfm))
+    return ["apply", "--transform", str(tfm), "--input", str(regsetup / "s.nii.gz"),
+            "--reference", str(regsetup / "t.nii.gz"), "--out", str(tmp_path / out)]
+
+
+def test_apply_writes_png_with_a_warning_when_values_are_rounded(regsetup, tmp_path, capsys):
+    assert main(apply_args(regsetup, tmp_path, "x.png")) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("istn: warning: ") and "x.png" in err and "rounded" in err
+    img = sitk.ReadImage(str(tmp_path / "x.png"))
+    assert img.GetPixelID() == sitk.sitkUInt8 and img.GetSize() == (52, 50)
+    # label maps with values that fit: written as they are, without a word
+    assert main([*apply_args(regsetup, tmp_path, "labels.png"), "--labels"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_apply_output_without_or_with_an_unknown_extension(regsetup, tmp_path, capsys):
+    user_error(capsys, apply_args(regsetup, tmp_path, "x"), f"'{tmp_path / 'x'}'",
+               "no file extension")
+    line = user_error(capsys, apply_args(regsetup, tmp_path, "x.foo"), f"'{tmp_path / 'x.foo'}'")
+    assert "/.x-" not in line  # the temporary file is never named
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.tfm"]
+
+
+def test_full_disk_during_training_is_one_line(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "o"
+    line = user_error(capsys, ["train", "--config", str(data / "config.json"), "--train",
+                               str(data / "train.csv"), "--train_seg", str(data / "train.seg.csv"),
+                               "--out", str(out), "--epochs", "1", "--batch_size", "4",
+                               "--quiet", "--dev", "cpu"], "No space left on device",
+                      str(out / "train" / "model"))
+    assert "/.checkpoint" not in line

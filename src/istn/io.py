@@ -133,11 +133,26 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A crash leaves either the old file or the new one, never a half-written one.
+    Failures name ``path``, never the temporary file: an ``OSError`` (full disk, no
+    permission) stays an ``OSError`` with ``path`` as its file name; a writer's
+    ``RuntimeError`` (SimpleITK: unknown format or pixel type; torch.save: a failed
+    write) becomes an :class:`IstnError`.
     """
-    tmp = atomic_path(path)
+    try:
+        tmp = atomic_path(path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).replace(str(tmp), str(path)).splitlines()]
+        why = (lines[-1] if lines and lines[-1] else type(e).__name__).removeprefix(
+            "sitk::ERROR: ")
+        raise IstnError(f"cannot write '{path}': {why[:200]}; check the file extension (the "
+                        "format), the path, permissions and free disk space") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -180,9 +195,46 @@ def replace_folder(folder: str | Path, write: Callable[[Path], object],
         shutil.rmtree(old)
 
 
+# formats that hold unsigned integers only: the pixel types they take, smallest first
+_INTEGER_FORMATS = {".png": ((sitk.sitkUInt8, np.uint8), (sitk.sitkUInt16, np.uint16)),
+                    **{s: ((sitk.sitkUInt8, np.uint8),) for s in (".jpg", ".jpeg", ".bmp")}}
+
+
+def _for_format(image: sitk.Image, path: Path) -> sitk.Image:
+    """``image`` cast to an integer type the format of ``path`` holds (PNG: 8 or 16 bit).
+
+    Values that do not fit are rounded and clipped, with a warning naming the file.
+    """
+    types = _INTEGER_FORMATS.get(path.suffix.lower())
+    if types is None or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    pixel, dtype = next(((p, d) for p, d in types if hi <= np.iinfo(d).max), types[-1])
+    top = np.iinfo(dtype).max
+    fitted = np.clip(np.rint(arr), 0, top)
+    if lo < 0 or hi > top:
+        print(f"istn: warning: '{path}': values {lo:g} to {hi:g} clipped to 0 to {top} (a "
+              f"{path.suffix} file holds integers 0 to {top}); write .nii.gz or .mha to keep "
+              "them", file=sys.stderr)
+    elif not np.array_equal(fitted, arr):
+        print(f"istn: warning: '{path}': values rounded to integers (a {path.suffix} file "
+              "holds integers); write .nii.gz or .mha to keep them", file=sys.stderr)
+    if image.GetPixelID() == pixel:
+        return image
+    out = sitk.GetImageFromArray(fitted.astype(dtype))
+    out.CopyInformation(image)
+    return out
+
+
 def write_image(image: sitk.Image, path: str | Path) -> None:
-    """Write an image atomically."""
-    write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp)))
+    """Write an image atomically, in an integer type where the format needs one (PNG)."""
+    p = Path(path)
+    if not p.suffix:
+        raise IstnError(f"output image '{p}' has no file extension; add one that names the "
+                        "format: .nii.gz, .mha, .nrrd, .png, ...")
+    image = _for_format(image, p)
+    write_atomically(p, lambda tmp: sitk.WriteImage(image, str(tmp)))
 
 
 def write_text(text: str, path: str | Path) -> None:

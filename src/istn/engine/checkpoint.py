@@ -20,7 +20,7 @@ import torch
 from .. import layout
 from ..config import Config, from_dict
 from ..errors import IstnError
-from ..io import atomic_path, write_text
+from ..io import write_atomically, write_text
 from ..losses import STRATEGIES, uses_itn
 from ..spatial import TRANSFORMATIONS, transformation_class
 from .model import NETWORK_KEYS, Model, Scaling
@@ -47,15 +47,14 @@ def save_checkpoint(model: Model, path: Path, optimizer: torch.optim.Optimizer |
         "rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    tmp = atomic_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(path, write)  # a failed write names 'path', not the temporary file
 
 
 def _short(e: BaseException) -> str:
