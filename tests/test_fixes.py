@@ -370,3 +370,25 @@ def test_full_disk_during_training_is_one_line(data, tmp_path, capsys, monkeypat
                                "--quiet", "--dev", "cpu"], "No space left on device",
                       str(out / "train" / "model"))
     assert "/.checkpoint" not in line
+
+
+# ------------------------------------------------ 12: --resume with other data of that size
+
+
+def test_resume_refuses_other_data_of_the_same_size(data, tmp_path, capsys):
+    from istn.data import read_pair_csv
+
+    def args(csv: Path, seg: Path, *extra: str) -> list[str]:
+        return ["train", "--config", str(data / "config.json"), "--train", str(csv),
+                "--train_seg", str(seg), "--out", str(tmp_path / "o"), "--batch_size", "4",
+                "--quiet", "--dev", "cpu", *extra]
+
+    assert main(args(data / "train.csv", data / "train.seg.csv", "--epochs", "1")) == 0
+    for name in ("train.csv", "train.seg.csv"):  # the same files, source and target swapped
+        rows = read_pair_csv(data / name)
+        (tmp_path / name).write_text("src,trg\n" + "".join(f"{t},{s}\n" for s, t in rows))
+    user_error(capsys, args(tmp_path / "train.csv", tmp_path / "train.seg.csv", "--epochs", "2",
+                            "--resume"), "--resume", "checkpoint.pt", "other training data")
+    capsys.readouterr()
+    assert main(args(data / "train.csv", data / "train.seg.csv", "--epochs", "2",
+                     "--resume")) == 0
