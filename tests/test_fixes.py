@@ -392,3 +392,37 @@ def test_resume_refuses_other_data_of_the_same_size(data, tmp_path, capsys):
     capsys.readouterr()
     assert main(args(data / "train.csv", data / "train.seg.csv", "--epochs", "2",
                      "--resume")) == 0
+
+
+# --------------------------------------------------------- 13: one training per --out
+
+
+def _train(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(data / "config.json"), "--train", str(data / "train.csv"),
+            "--train_seg", str(data / "train.seg.csv"), "--out", str(out), "--epochs", "1",
+            "--batch_size", "4", "--quiet", "--dev", "cpu", *extra]
+
+
+def test_second_training_into_the_same_out_is_refused(data, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    out = tmp_path / "o"
+    assert main(_train(data, out)) == 0
+    assert not (out / "train" / "train.lock").exists()  # released at the end
+    before = sorted(p.name for p in (out / "train" / "model").iterdir())
+    other = subprocess.Popen(["sleep", "60"])  # a live process holds the lock
+    try:
+        (out / "train" / "train.lock").write_text(f"{other.pid} {socket.gethostname()}\n")
+        capsys.readouterr()
+        user_error(capsys, _train(data, out, "--overwrite"), f"'{out / 'train'}'",
+                   "in use by another training")
+        assert sorted(p.name for p in (out / "train" / "model").iterdir()) == before
+    finally:
+        other.kill()
+        other.wait()
+    # its process is gone: the stale lock is taken over with a warning
+    assert main(_train(data, out, "--overwrite")) == 0
+    err = capsys.readouterr().err
+    assert "istn: warning: taking over the stale lock" in err and str(other.pid) in err
+    assert not (out / "train" / "train.lock").exists()

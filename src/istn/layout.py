@@ -11,6 +11,7 @@ An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg
         checkpoint.pt                   checkpoint(model_dir): the latest (CHECKPOINT)
         checkpoint_epochNNNN.pt         epoch_checkpoint(model_dir, epoch): the kept ones
         model.json                      model_info(model_dir): the model's metadata
+    OUT/train/train.lock                train_lock(out): while a training runs
     OUT/train/history.json              history(out)
     OUT/train/loss_curve.png            loss_curve(out)
     OUT/train/temp/val_epochNNNN.png    val_picture(out, epoch) (``--save_temp``)
@@ -66,6 +67,11 @@ def epoch_checkpoint(model_dir: Path, epoch: int) -> Path:
 
 def model_info(model_dir: Path) -> Path:
     return Path(model_dir) / MODEL_INFO
+
+
+def train_lock(out: Path) -> Path:
+    """Held by a running training (its PID and host): a second one into OUT is refused."""
+    return train_dir(out) / "train.lock"
 
 
 def history(out: Path) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -128,6 +130,60 @@ def prepare_out(out: Path, marker: Path, overwrite: bool, resume: bool = False,
             shutil.rmtree(folder, ignore_errors=True)
     distributed.barrier(d)  # nobody writes into a folder rank 0 is still removing
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _holder(lock: Path) -> tuple[int, str] | None:
+    """(PID, host) written in ``lock``; None while it is being written or if unreadable."""
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def take_lock(lock: Path) -> None:
+    """Create ``lock`` (O_CREAT | O_EXCL: one process wins) holding this PID and host.
+
+    A lock whose process no longer runs on this host (a killed training) is taken
+    over with a warning; a live one is refused with one line naming the folder.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if holder is not None and holder[1] == host and not _alive(holder[0]):
+                print(f"istn: warning: taking over the stale lock '{lock}' of process "
+                      f"{holder[0]}, which no longer runs", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+            raise IstnError(f"output folder '{lock.parent}' is in use by another training "
+                            f"({who}, lock file {lock.name}); wait for it to end or use another "
+                            f"--out (if no training runs, delete '{lock}')") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        return
+    raise IstnError(f"cannot take the lock '{lock}': other processes keep taking it; "
+                    "use another --out")
+
+
+def release_lock(lock: Path) -> None:
+    """Remove ``lock`` if this process holds it."""
+    if _holder(lock) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- running

@@ -16,7 +16,16 @@ from .. import layout
 from ..config import LEGACY_DEFAULTS, Config, load_config
 from ..errors import IstnError, count
 from ..spatial import TRANSFORMATIONS
-from .common import add_command, add_options, model_dir_name, prepare_out, say, setup_device
+from .common import (
+    add_command,
+    add_options,
+    model_dir_name,
+    prepare_out,
+    release_lock,
+    say,
+    setup_device,
+    take_lock,
+)
 
 CONFIG_KEYS = ("epochs", "refine", "learning_rate", "batch_size", "val_interval")
 DEFAULT_3D = {"size": [64, 64, 64], "spacing": [2.0, 2.0, 2.0], "batch_size": 2}
@@ -157,18 +166,29 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device) -> Pat
         val_set = load_pairs(cfg, args.val, args.val_seg, args.val_msk,
                              getattr(args, "val_points", None),
                              getattr(args, "val_transforms", None))
-    prepare_out(out, marker, args.overwrite, args.resume,
-                clear=(layout.train_dir(out), layout.tensorboard_dir(out)))
-    if args.resume:
-        say(f"resuming from '{marker}'" if marker.is_file() else
-            f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
-    world = distributed.current().world
-    on = f"{world} processes ({device.type})" if world > 1 else str(device)
-    say(f"training {args.transformation} {args.loss} on {count(len(train_set), 'pair')} "
-        f"({count(cfg.epochs, 'epoch')}, batch {cfg.batch_size}) on {on}; output in '{out}'")
-    t0 = time.perf_counter()
-    model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
-                      args.save_temp, progress=not args.quiet)
+    # one training per --out: taken before --overwrite clears anything of a running one
+    lock, main = layout.train_lock(out), distributed.current().main
+    if main:
+        take_lock(lock)
+    try:
+        prepare_out(out, marker, args.overwrite, args.resume,
+                    clear=(layout.train_dir(out), layout.tensorboard_dir(out)))
+        if main and not lock.exists():  # --overwrite removed OUT/train, the lock with it
+            take_lock(lock)
+        if args.resume:
+            say(f"resuming from '{marker}'" if marker.is_file() else
+                f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
+        world = distributed.current().world
+        on = f"{world} processes ({device.type})" if world > 1 else str(device)
+        say(f"training {args.transformation} {args.loss} on {count(len(train_set), 'pair')} "
+            f"({count(cfg.epochs, 'epoch')}, batch {cfg.batch_size}) on {on}; output in "
+            f"'{out}'")
+        t0 = time.perf_counter()
+        model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
+                          args.save_temp, progress=not args.quiet)
+    finally:
+        if main:
+            release_lock(lock)
     say(f"trained in {time.perf_counter() - t0:.1f} s; model in '{model_dir}'")
     return model_dir
 
