@@ -426,3 +426,49 @@ def test_second_training_into_the_same_out_is_refused(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "istn: warning: taking over the stale lock" in err and str(other.pid) in err
     assert not (out / "train" / "train.lock").exists()
+
+
+# ------------------------------------------------------------------- 14: help and spellings
+
+
+def _help(argv: list[str], capsys, reg: bool = False) -> str:
+    with pytest.raises(SystemExit):
+        (main_reg if reg else main)([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_test_help_lists_only_what_testing_uses(capsys):
+    text = _help(["test"], capsys)
+    for flag in ("--epochs", "--batch_size", "--seed", "--val_interval", "(default affine)",
+                 "(default i)"):
+        assert flag not in text, flag
+    assert "--refine" in text and "--model" in text and "the model's" in text
+    assert "--epochs" in _help(["train"], capsys) and "--seed" in _help([], capsys, reg=True)
+
+
+def test_options_take_both_spellings(capsys):
+    from istn.cli import main_parser
+    from istn.cli.train import reg_parser
+
+    p = main_parser()
+    a = p.parse_args(["train", "--train", "t", "--train-seg", "s", "--val_seg", "v", "--out",
+                      "o", "--save-temp"])
+    assert (a.train_seg, a.val_seg, a.save_temp) == ("s", "v", True)
+    a = p.parse_args(["register", "--model", "m", "--source_seg", "x", "--seg_threshold", "0.5",
+                      "--out", "o", "--target-seg", "y"])
+    assert (a.source_seg, a.target_seg, a.seg_threshold) == ("x", "y", 0.5)
+    a = reg_parser().parse_args(["--out", "o", "--test-points", "q", "--no-refine"])
+    assert (a.test_points, a.no_refine) == ("q", True)
+    assert "--train_seg TRAIN_SEG" in _help(["train"], capsys)  # the README's spelling shown
+    assert "--source-seg SOURCE_SEG" in _help(["register"], capsys)
+
+
+def test_register_of_another_dimension_does_not_hint_at_training_options(regsetup, tmp_path,
+                                                                         capsys):
+    vol = tmp_path / "vol.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((20, 20, 20))
+                                           .astype(np.float32)), str(vol))
+    argv = register_args(regsetup, tmp_path / "o")
+    argv[argv.index("--source") + 1] = argv[argv.index("--target") + 1] = str(vol)
+    line = user_error(capsys, argv, "3D", "istn register: a model trained on 3D images")
+    assert not (tmp_path / "o").exists() and "istn train/test" in line

@@ -209,7 +209,9 @@ def prepare_volume(img: sitk.Image, cfg: Config, kind: str, mask: np.ndarray | N
     norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
     if img.GetDimension() != cfg.dim:
         raise IstnError(f"{what} is {img.GetDimension()}D but the config is {cfg.dim}D "
-                        f"(size {cfg.size}); use a {img.GetDimension()}D config or --mode3d")
+                        f"(size {cfg.size}); {img.GetDimension()}D images need a "
+                        f"{img.GetDimension()}D config (istn train/test: --config or --mode3d; "
+                        f"istn register: a model trained on {img.GetDimension()}D images)")
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise IstnError(f"{what} has {img.GetNumberOfComponentsPerPixel()} components per "
                         "voxel; give a scalar (grey-value) image")

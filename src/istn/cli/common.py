@@ -37,6 +37,29 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
+def _other_spelling(flag: str) -> str | None:
+    """``--train-seg`` for ``--train_seg`` and back; None for flags without a separator."""
+    if not flag.startswith("--") or not ("_" in flag or "-" in flag[2:]):
+        return None
+    body = flag[2:]
+    return "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options take ``_`` and ``-`` alike (``--train_seg``,
+    ``--train-seg``): the other spelling is accepted, the help shows the first one.
+
+    Subcommands' parsers are of the same class (argparse creates them with ``type(self)``).
+    """
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        others = [o for f in flags if (o := _other_spelling(f)) and o not in flags]
+        action = super().add_argument(*flags, **kwargs)
+        for other in others:  # registered after the fact: the help lists only ``flags``
+            self._option_string_actions[other] = action
+        return action
+
+
 def add_options(parser: argparse.ArgumentParser, *names: str,
                 **changes: dict[str, Any]) -> None:
     """Add the shared options ``names`` in order; ``changes[name]`` replaces keywords of one."""

@@ -17,6 +17,7 @@ from ..config import LEGACY_DEFAULTS, Config, load_config
 from ..errors import IstnError, count
 from ..spatial import TRANSFORMATIONS
 from .common import (
+    Parser,
     add_command,
     add_options,
     model_dir_name,
@@ -28,28 +29,38 @@ from .common import (
 )
 
 CONFIG_KEYS = ("epochs", "refine", "learning_rate", "batch_size", "val_interval")
+TEST_KEYS = ("refine", "learning_rate")  # the overrides testing uses (refinement)
 DEFAULT_3D = {"size": [64, 64, 64], "spacing": [2.0, 2.0, 2.0], "batch_size": 2}
 
 
 # ----------------------------------------------------------------------------- parsers
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """The shared options; ``training=False`` (istn test) leaves out what only training uses."""
     p.add_argument("--config", help="config file (JSON or YAML); defaults to the published "
-                   "synthetic 2D values (3D: 64^3 at 2 mm with --mode3d)")
+                   "synthetic 2D values (3D: 64^3 at 2 mm with --mode3d)" if training else
+                   "config file (JSON or YAML) to check the model against; default: the "
+                   "model's own")
     add_options(p, "out")
     p.add_argument("--mode3d", action="store_true", help="3D data (checks the config is 3D)")
-    add_options(p, "seed", "dev", "overwrite", "quiet", "debug", "amp")
+    add_options(p, *(("seed",) if training else ()), "dev", "overwrite", "quiet", "debug", "amp")
     for key, typ in (("epochs", int), ("refine", int), ("learning_rate", float),
                      ("batch_size", int), ("val_interval", int)):
-        p.add_argument(f"--{key}", type=typ, default=None, help=f"override config '{key}'")
+        if training or key in TEST_KEYS:
+            p.add_argument(f"--{key}", type=typ, default=None, help=f"override config '{key}'"
+                           + ("" if training or key == "refine" else
+                              " (refinement's, unless the config sets refine_learning_rate)"))
 
 
 def _add_model_kind(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--transformation", choices=list(TRANSFORMATIONS),
                    default="affine" if required else None,
-                   help="transformation model (default affine)")
+                   help="transformation model (default affine)" if required else
+                   "transformation model to check the model against (default: the model's)")
     p.add_argument("--loss", choices=["u", "s", "e", "i"], default="i" if required else None,
-                   help="strategy: u STN-u, s STN-s, e ISTN-e, i ISTN-i (default i)")
+                   help="strategy: u STN-u, s STN-s, e ISTN-e, i ISTN-i "
+                   + ("(default i)" if required else "to check the model against (default: "
+                      "the model's)"))
 
 
 def _add_train(p: argparse.ArgumentParser, required: bool) -> None:
@@ -85,7 +96,7 @@ def add_parsers(sub) -> None:
     _add_train(t, True)
     e = add_command(sub, "test", cmd_test, "evaluate a trained model (with test-time "
                     "refinement)")
-    _add_common(e)
+    _add_common(e, training=False)
     _add_model_kind(e, False)
     e.add_argument("--model", required=True,
                    help=f"model folder ({model_dir_name()}) or checkpoint")
@@ -94,9 +105,10 @@ def add_parsers(sub) -> None:
 
 def reg_parser() -> argparse.ArgumentParser:
     """The parser of ``istn-reg`` (the published command line)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="istn-reg", description="ISTN registration with the published command line: "
-        "trains when --train is given, then tests when --test is given.")
+        "trains when --train is given, then tests when --test is given. Options take - or _ "
+        "alike (--train_seg or --train-seg).")
     _add_common(p)
     _add_model_kind(p, True)
     p.add_argument("--model", help="model folder or checkpoint to test "
@@ -283,10 +295,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     """Test ``--model``; config overrides apply to the config saved with the model."""
     cfg = build_config(args) if args.config else None
-    if cfg is None and any(getattr(args, k) is not None for k in CONFIG_KEYS):
+    if cfg is None and any(getattr(args, k, None) is not None for k in CONFIG_KEYS):
         from ..engine.checkpoint import read_checkpoint
 
         saved = read_checkpoint(args.model)["meta"]["config"]
         cfg = load_config(None, {**LEGACY_DEFAULTS, **saved,
-                                 **{k: getattr(args, k) for k in CONFIG_KEYS}})
+                                 **{k: v for k in CONFIG_KEYS
+                                    if (v := getattr(args, k, None)) is not None}})
     do_test(args, cfg, setup_device(args.dev), args.model)
