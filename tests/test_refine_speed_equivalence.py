@@ -29,7 +29,7 @@ def _model(kind: str, size: list[int], channels_last: bool = True) -> Model:
     model = Model.build(cfg, "i", kind)
     with torch.no_grad():  # leave the identity start: every weight then gets a gradient
         for name, p in model.stn.named_parameters():
-            if not name.startswith("encoder"):
+            if "encoder" not in name:
                 p.add_(0.05 * torch.randn_like(p))
     if not channels_last:
         model.stn.to(memory_format=torch.contiguous_format)
@@ -72,6 +72,8 @@ CASES = [
     pytest.param("affine", [48, 48], True, id="2d-affine"),
     pytest.param("affine", [40, 44], False, id="2d-affine-contiguous"),
     pytest.param("bspline", [48, 48], True, id="2d-bspline"),
+    pytest.param("svf", [48, 48], True, id="2d-svf"),
+    pytest.param("affine+svf", [48, 48], True, id="2d-affine+svf"),
     pytest.param("affine", [40, 40, 40], True, id="3d-affine"),
 ]
 

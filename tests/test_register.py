@@ -56,6 +56,11 @@ def perturbed_model(dim, transformation, strategy="i"):
     if transformation == "svf":  # zero-initialised: give it a smooth random velocity
         with torch.no_grad():
             model.stn.head.linear.bias.normal_(0.0, 0.5)
+    if transformation == "affine+svf":  # both stages away from the identity
+        with torch.no_grad():
+            model.stn.stages[0].head.translation.bias.fill_(0.3)
+            model.stn.stages[0].head.rotation.bias.fill_(0.2)
+            model.stn.stages[1].head.linear.bias.normal_(0.0, 0.5)
     return model
 
 
@@ -100,7 +105,7 @@ def inside_mask(src: sitk.Image, trg: sitk.Image, tx: sitk.Transform) -> np.ndar
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("transformation", ["affine", "bspline", "svf"])
+@pytest.mark.parametrize("transformation", ["affine", "bspline", "svf", "affine+svf"])
 def test_export_reproduces_istn_warp_with_plain_simpleitk(tmp_path, dim, transformation):
     paths = write_pair(tmp_path, dim)
     model = perturbed_model(dim, transformation)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import IstnError
-from ..spatial import Transformation, new_transformation
+from ..spatial import Transformation, new_transformation, warp
 from .layers import avg_pool, conv
 
 
@@ -69,11 +69,28 @@ class STN(nn.Module):
         super().__init__()
         self.dim = len(shape)
         self.transform: Transformation = new_transformation(transformation, shape, **options)
-        self.encoder = Encoder(self.dim, 2 * channels, shape)
-        self.head = self.transform.head(self.encoder.features)
+        if self.transform.stages:  # a cascade: one STN per stage
+            self.stages = nn.ModuleList(
+                STN(t.name, shape, channels, **{a: v for a, v in options.items()
+                                                if a in type(t).options})
+                for t in self.transform.stages)
+        else:
+            self.encoder = Encoder(self.dim, 2 * channels, shape)
+            self.head = self.transform.head(self.encoder.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        if not self.transform.stages:
+            return self.head(self.encoder(x))
+        # each stage sees the source warped by the stages before it, and the target
+        c = x.shape[1] // 2
+        src, trg = x[:, :c], x[:, c:]
+        parts: list[torch.Tensor] = []
+        moved = src
+        for k, stage in enumerate(self.stages):
+            parts.append(stage(torch.cat([moved, trg], dim=1)))
+            if k + 1 < len(self.stages):
+                moved = warp(src, self.transform.stage_grid(parts))
+        return self.transform.pack(parts)
 
     def grid(self, params: torch.Tensor) -> torch.Tensor:
         return self.transform.grid(params)

@@ -5,7 +5,7 @@ Convention (used everywhere, tested): PyTorch ``grid_sample`` with
 first voxel to +1 at the centre of the last voxel along each axis, and are
 ordered (x, y[, z]) while tensors are ``[B, C, *spatial]`` with spatial order
 (z, y, x) as in SimpleITK arrays. Importing this package registers the built-in
-models (affine, bspline, svf).
+models (affine, bspline, svf, affine+bspline, affine+svf).
 """
 
 from .affine import AffineModel, affine_matrix
@@ -17,6 +17,7 @@ from .base import (
     transformation_class,
 )
 from .bspline import BSplineModel, bspline_basis, control_grid_shape, cubic_bspline
+from .cascade import Cascade
 from .grid import ALIGN_CORNERS, identity_grid, index_to_normalised, normalised_to_index, warp
 from .svf import SVFModel, exp_velocity
 
@@ -25,6 +26,7 @@ __all__ = [
     "TRANSFORMATIONS",
     "AffineModel",
     "BSplineModel",
+    "Cascade",
     "SVFModel",
     "Transformation",
     "affine_matrix",

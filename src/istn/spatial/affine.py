@@ -102,6 +102,10 @@ class AffineModel(Transformation):
         super().__init__(shape)
         self.bounds = (max_translation, max_rotation, max_scaling, max_shearing)
 
+    @property
+    def params_shape(self) -> tuple[int, ...]:
+        return (self.dim, self.dim + 1)
+
     def head(self, features: int) -> nn.Module:
         return AffineHead(features, self.dim, self.bounds)
 

@@ -12,7 +12,10 @@ path. A model names:
 - ``regularisation(params)``: a smoothness penalty (0 for linear models);
 - ``linear_matrix(params)``: the normalised sampling matrices [B, dim, dim+1] of a
   linear model (exported as one ITK ``AffineTransform``), None otherwise (exported as a
-  displacement field).
+  displacement field);
+- ``params_shape``: the shape of one pair's parameters;
+- ``stages``: for a cascade, its stage models (each predicted by its own STN on the
+  source warped by the stages before it); empty for a single model.
 
 ``options`` maps the constructor's keyword arguments to config keys, which feeds the
 config (``Config.stn_options``), the checkpoint checks and the command line. A new
@@ -38,14 +41,23 @@ class Transformation(nn.Module):
 
     name: ClassVar[str] = ""
     options: ClassVar[dict[str, str]] = {}
+    stages: tuple[Transformation, ...] = ()
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
         self.shape = tuple(int(n) for n in shape)
         self.dim = len(self.shape)
 
+    @property
+    def params_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
     def head(self, features: int) -> nn.Module:
         raise NotImplementedError
+
+    def pack(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """A cascade's parameters from its stages' (one tensor [B, P]); single models: as is."""
+        return parts[0]
 
     def grid(self, params: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -91,6 +91,10 @@ class BSplineModel(Transformation):
             self.register_buffer(f"basis{a}", bspline_basis(pos, n, ncp, s), persistent=False)
         self.register_buffer("identity", identity_grid(self.shape), persistent=False)
 
+    @property
+    def params_shape(self) -> tuple[int, ...]:
+        return (self.dim, *self.control_shape)
+
     def head(self, features: int) -> nn.Module:
         return BSplineHead(features, (self.dim, *self.control_shape), self.max_displacement,
                            self.zero_init)

@@ -60,6 +60,10 @@ class SVFModel(Transformation):
     def control_shape(self) -> tuple[int, ...]:
         return self.velocity.control_shape
 
+    @property
+    def params_shape(self) -> tuple[int, ...]:
+        return (self.dim, *self.control_shape)
+
     def head(self, features: int) -> nn.Module:
         return BSplineHead(features, (self.dim, *self.control_shape),
                            self.velocity.max_displacement, zero_init=True)
