@@ -459,6 +459,7 @@ def test_options_take_both_spellings(capsys):
     assert (a.source_seg, a.target_seg, a.seg_threshold) == ("x", "y", 0.5)
     a = reg_parser().parse_args(["--out", "o", "--test-points", "q", "--no-refine"])
     assert (a.test_points, a.no_refine) == ("q", True)
+    assert p.parse_args(["train", "--train", "t", "--out", "o", "--save"]).save_temp  # abbreviated
     assert "--train_seg TRAIN_SEG" in _help(["train"], capsys)  # the README's spelling shown
     assert "--source-seg SOURCE_SEG" in _help(["register"], capsys)
 

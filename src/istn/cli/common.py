@@ -59,6 +59,16 @@ class Parser(argparse.ArgumentParser):
             self._option_string_actions[other] = action
         return action
 
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        # an abbreviation (--save) matching both spellings of one option is not ambiguous
+        seen: set[int] = set()
+        unique = []
+        for match in super()._get_option_tuples(option_string):
+            if id(match[0]) not in seen:
+                seen.add(id(match[0]))
+                unique.append(match)
+        return unique
+
 
 def add_options(parser: argparse.ArgumentParser, *names: str,
                 **changes: dict[str, Any]) -> None:
