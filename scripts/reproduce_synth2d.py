@@ -28,6 +28,8 @@ from pathlib import Path
 from istn import layout
 
 RUNS = [("affine", "u"), ("affine", "s"), ("affine", "e"), ("affine", "i"), ("bspline", "i")]
+# beyond the paper, run only when named with --runs (e.g. svf_i affine+svf_i)
+MORE_RUNS = [("svf", "i"), ("affine+svf", "i"), ("affine+bspline", "i")]
 KINDS = ("", ".seg", ".points", ".transforms")
 METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
 
@@ -102,14 +104,16 @@ def main() -> None:
                    help="K-fold cross-validation: K consecutive folds, each validated by a "
                         "model trained on the other pairs; means over all pairs")
     p.add_argument("--runs", nargs="*", default=None,
-                   help="subset of runs as TRANSFORMATION_LOSS, e.g. affine_i bspline_i")
+                   help="subset of runs as TRANSFORMATION_LOSS, e.g. affine_i bspline_i; "
+                        "also svf_i, affine+svf_i, affine+bspline_i")
     p.add_argument("--exact", action="store_true",
                    help="train as the published code does: no network scaling, no restarts")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="extra istn-reg flags after --")
     a = p.parse_args()
     data, out = Path(a.data).resolve(), Path(a.out)
     extra = [x for x in a.extra if x != "--"]
-    runs = [(t, loss) for t, loss in RUNS if not a.runs or f"{t}_{loss}" in a.runs]
+    runs = ([(t, loss) for t, loss in RUNS + MORE_RUNS if f"{t}_{loss}" in a.runs] if a.runs
+            else RUNS)
     config = data / "config.json"
     if a.exact:
         published = json.loads(config.read_text())

@@ -49,8 +49,8 @@ def test_each_strategy_trains_tests_and_writes_outputs(data2d, tmp_path, loss):
     s = read_summary(out)
     assert s["pairs"] == 6
     for stage in ("identity", "before_refinement", "after_refinement"):
-        assert set(s[stage]) == {"dice", "hd", "asd", "precision", "recall", "landmark_error",
-                                 "landmark_error_gt"}
+        assert set(s[stage]) == {"dice", "hd", "hd95", "asd", "precision", "recall",
+                                 "landmark_error", "landmark_error_gt"}
         assert 0 < s[stage]["dice"] <= 1
         assert s[stage]["landmark_error_gt"] >= 0
     # model folder: a checkpoint at epoch 1, at each validation, and the latest

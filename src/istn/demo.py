@@ -65,6 +65,7 @@ def run_demo(out: Path, seed: int = 0, epochs: int | None = None,
           f"({summary['seconds']:.1f} s)\n")
     print(format_table(summary))
     print(f"\nresults: {layout.test_summary(test)}, {layout.test_metrics(test)}\n"
+          f"report (open in a browser): {layout.test_report(test)}\n"
           f"picture: {layout.test_pairs(test)}; loss curve: "
           f"{layout.loss_curve(out)}; TensorBoard: {layout.tensorboard_dir(out)}\n"
           f"total {time.perf_counter() - t0:.1f} s")

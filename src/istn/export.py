@@ -73,6 +73,7 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
                        chunk: int = 262_144, inverse: bool = False) -> PointMap:
     """``T`` as a function of physical points [N, dim] (target -> source), any model.
 
+    ``model`` is a Model or a transformation model (``spatial.Transformation``);
     ``inverse=True``: ``T^-1`` (source -> target), through the model's inverse map.
     """
     shape = tuple(g_trg.size[::-1])
@@ -80,7 +81,7 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
         g_src, g_trg = g_trg, g_src
     from_trg = np.linalg.inv(index_to_physical_matrix(g_trg) @ normalised_to_index_matrix(g_trg))
     to_src = index_to_physical_matrix(g_src) @ normalised_to_index_matrix(g_src)
-    transform = model.transform
+    transform = getattr(model, "transform", model)
     mapping = transform.inverse_map_points if inverse else transform.map_points
     if tuple(transform.shape) != shape:
         raise IstnError(f"the network grid {shape} does not match the model's {transform.shape}")
@@ -104,9 +105,12 @@ def physical_point_map(model, params: torch.Tensor, g_src: Geometry, g_trg: Geom
 class Exported:
     """A prediction in physical space: ``transform`` maps target points to source points.
 
-    ``inverse`` maps source points to target points. ``field`` / ``inverse_field`` are
-    the displacement fields (on the target's / the source's grid) of a non-linear model;
-    None for linear models, whose transforms are exact ``AffineTransform`` objects.
+    ``inverse`` maps source points to target points. Linear models: exact
+    ``AffineTransform`` objects. Non-linear models: ``field`` / ``inverse_field`` are
+    the total displacement fields (on the target's / the source's grid) and
+    ``transform`` / ``inverse`` their ``DisplacementFieldTransform``s; a cascade's
+    ``transform`` / ``inverse`` are ITK ``CompositeTransform``s of its stages (affine
+    and a displacement field in target space), as ITK and ANTs write them.
     """
 
     transform: sitk.Transform
@@ -124,14 +128,37 @@ def export_transform(model, params: torch.Tensor, g_src: Geometry, g_trg: Geomet
     displacement field on ``reference``'s grid, its inverse (the model's own inverse
     map, see ``inverse_map_points``) on ``source``'s grid (``reference``'s if None).
     """
-    matrix = model.transform.linear_matrix(params[None])
+    transform = model.transform
+    matrix = transform.linear_matrix(params[None])
     if matrix is not None:
         tx = affine_to_sitk(matrix[0].detach().cpu().numpy(), g_src, g_trg)
         return Exported(tx, tx.GetInverse())
-    field = displacement_field(physical_point_map(model, params, g_src, g_trg), reference)
-    back = displacement_field(physical_point_map(model, params, g_src, g_trg, inverse=True),
+    field = displacement_field(physical_point_map(transform, params, g_src, g_trg), reference)
+    back = displacement_field(physical_point_map(transform, params, g_src, g_trg, inverse=True),
                               source if source is not None else reference)
+    if transform.stages:
+        forward, inverse = _cascade_composites(transform, params, g_src, g_trg, reference)
+        return Exported(forward, inverse, field, back)
     return Exported(field_transform(field), field_transform(back), field, back)
+
+
+def _cascade_composites(cascade, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
+                        reference: sitk.Image) -> tuple[sitk.Transform, sitk.Transform]:
+    """``A o D`` and ``D^-1 o A^-1`` as ITK composites of an affine-first cascade.
+
+    ``D`` (the deformable stage, target space to target space) is a displacement field
+    on the target's grid, ``A`` the affine stage in physical coordinates. ITK applies
+    the last transform added to a composite first.
+    """
+    theta, deform = cascade.split(params[None])
+    a = affine_to_sitk(theta[0].detach().cpu().numpy(), g_src, g_trg)
+    stage = cascade.stages[1]
+    d = displacement_field(physical_point_map(stage, deform[0], g_trg, g_trg), reference)
+    d_inv = displacement_field(physical_point_map(stage, deform[0], g_trg, g_trg, inverse=True),
+                               reference)
+    forward = sitk.CompositeTransform([a, field_transform(d)])
+    inverse = sitk.CompositeTransform([field_transform(d_inv), a.GetInverse()])
+    return forward, inverse
 
 
 def grid_points(reference: sitk.Image) -> np.ndarray:

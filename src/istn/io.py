@@ -40,7 +40,12 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
                         "images (split time series or channels into separate files)")
     if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
         raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
-    return sitk.Cast(_scalar(img, f"{what} '{p}'"), sitk.sitkFloat32)
+    return _scalar_float(img, f"{what} '{p}'")
+
+
+def _scalar_float(img: sitk.Image, what: str) -> sitk.Image:
+    """float32, one channel (see :func:`_scalar`); ``what`` names the image."""
+    return sitk.Cast(_scalar(img, what), sitk.sitkFloat32)
 
 
 def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") -> sitk.Image:
@@ -62,7 +67,7 @@ def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") 
                         f"got {type(source).__name__}")
     if source.GetDimension() not in (2, 3):
         raise IstnError(f"{what} is {source.GetDimension()}D; istn registers 2D and 3D images")
-    img = sitk.Cast(_scalar(source, what), sitk.sitkFloat32)
+    img = _scalar_float(source, what)
     if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
         raise IstnError(f"{what} contains NaN or Inf values; clean or mask them first")
     return img

@@ -22,15 +22,17 @@ An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg
         metrics.csv                     test_metrics(test_dir)
         summary.json                    test_summary(test_dir): a finished test
         pairs.png                       test_pairs(test_dir)
+        report.html                     test_report(test_dir): the cohort report
         PAIR_KEY.nii.gz                 test_image(test_dir, pair, key)
     OUT/data/                           demo_data_dir(out): the demo's synthetic data
 
 ``istn register --out OUT`` writes one pair's files (register_file) into OUT, or
-with ``--pairs`` one folder per pair (register_pair_names) and ``OUT/metrics.csv``
-(register_metrics); a pair's folder is written as ``.NAME.istn-new`` (staging_dir) and
-renamed into place, the one it replaces renamed to ``.NAME.istn-old`` (replaced_dir)
-first. A synthetic data set (``istn synth``) lists its pairs in
-``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside ``ROOT/config.json`` (dataset_config).
+with ``--pairs`` one folder per pair (register_pair_names), ``OUT/metrics.csv``
+(register_metrics) and ``OUT/report.html`` (register_report); a pair's folder is
+written as ``.NAME.istn-new`` (staging_dir) and renamed into place, the one it
+replaces renamed to ``.NAME.istn-old`` (replaced_dir) first. A synthetic data set
+(``istn synth``) lists its pairs in ``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside
+``ROOT/config.json`` (dataset_config).
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ def test_pairs(test_dir: Path) -> Path:
     return Path(test_dir) / "pairs.png"
 
 
+def test_report(test_dir: Path) -> Path:
+    """The HTML cohort report of a test (one row per pair; pictures embedded)."""
+    return Path(test_dir) / "report.html"
+
+
 def test_image(test_dir: Path, pair: str, key: str) -> Path:
     """One output image of one pair, e.g. ``PAIR_warped_src_refined.nii.gz``."""
     return Path(test_dir) / f"{pair}_{key}.nii.gz"
@@ -123,6 +130,7 @@ def test_image(test_dir: Path, pair: str, key: str) -> Path:
 
 REGISTER_FILES = {"warped": "warped_source.nii.gz", "warped_seg": "warped_source_seg.nii.gz",
                   "affine": "transform.tfm", "field": "displacement.nii.gz",
+                  "composite": "transform.h5", "inverse": "inverse.h5",
                   "metrics": "metrics.json", "report": "report.png"}
 
 
@@ -154,6 +162,11 @@ def replaced_dir(folder: Path) -> Path:
 def register_metrics(out: Path) -> Path:
     """The metrics of every pair of ``istn register --pairs``, one row per label."""
     return Path(out) / "metrics.csv"
+
+
+def register_report(out: Path) -> Path:
+    """The HTML cohort report of ``istn register --pairs`` (links each pair's report.png)."""
+    return Path(out) / "report.html"
 
 
 # --------------------------------------------------------------- data sets and the demo

@@ -1,4 +1,4 @@
-"""Evaluation metrics: segmentation overlap, surface-free set distances and landmark errors.
+"""Evaluation metrics: segmentation overlap, set and surface distances, landmark errors.
 
 Everything here runs on the evaluation path only and uses numpy/scipy. Inputs may be numpy
 arrays, anything ``np.asarray`` accepts, or torch tensors (moved to the CPU first).
@@ -23,6 +23,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "overlap_metrics",
+    "surface",
     "landmark_centroids",
     "match_points",
     "landmark_error",
@@ -66,6 +67,16 @@ def _distance_to_set(mask: np.ndarray, sampling: np.ndarray) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask, sampling=sampling)
 
 
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Surface voxels of a boolean ``mask``: foreground voxels with a background face-neighbour.
+
+    Face neighbours only (4 in 2D, 6 in 3D); outside the array counts as background, so a
+    foreground voxel on the array border is a surface voxel.
+    """
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
 def overlap_metrics(
     pred: Any,
     ref: Any,
@@ -85,6 +96,14 @@ def overlap_metrics(
     * ``hd`` (symmetric Hausdorff distance between the two foreground voxel *sets*, as
       SimpleITK's ``HausdorffDistanceImageFilter``) =
       ``max(max_{p∈P} d(p, R), max_{r∈R} d(r, P))``;
+    * ``hd95`` (95th-percentile symmetric surface Hausdorff distance): with ∂P and ∂R the
+      surface voxels (:func:`surface`: foreground voxels with a background face-neighbour),
+      the distances ``d(p, ∂R)`` for every ``p ∈ ∂P`` and ``d(r, ∂P)`` for every ``r ∈ ∂R``
+      are pooled into one list and ``hd95`` is its 95th percentile (``numpy.percentile``,
+      linear interpolation). Surfaces rather than all foreground voxels, because interior
+      voxels would add zeros and make the figure shrink as the structures grow; pooled
+      rather than the larger of two directed percentiles (the convention of medpy's
+      ``hd95``; MONAI's ``percentile=95`` takes the maximum of the two directions instead);
     * ``asd`` (SimpleITK's ``AverageHausdorffDistance``; computed over all foreground voxels,
       not over surfaces) = ``(mean_{p∈P} d(p, R) + mean_{r∈R} d(r, P)) / 2``.
 
@@ -92,13 +111,13 @@ def overlap_metrics(
 
     * ``dice`` is NaN when P and R are both empty, and 0 when exactly one of them is empty;
     * ``precision`` is NaN when P is empty; ``recall`` is NaN when R is empty;
-    * ``hd`` and ``asd`` are NaN when either P or R is empty.
+    * ``hd``, ``hd95`` and ``asd`` are NaN when either P or R is empty.
 
     Distances are computed with ``scipy.ndimage.distance_transform_edt`` using
     ``sampling = spacing`` reversed to array order.
 
     Returns:
-        ``{"dice", "hd", "asd", "precision", "recall"}`` as Python floats.
+        ``{"dice", "hd", "hd95", "asd", "precision", "recall"}`` as Python floats.
     """
     p_arr = _to_numpy(pred)
     r_arr = _to_numpy(ref)
@@ -121,17 +140,21 @@ def overlap_metrics(
     recall = nan if n_r == 0 else n_pr / n_r
 
     if n_p == 0 or n_r == 0:
-        hd = nan
-        asd = nan
+        hd = hd95 = asd = nan
     else:
         d_p_to_r = _distance_to_set(r, sampling)[p]
         d_r_to_p = _distance_to_set(p, sampling)[r]
         hd = float(max(d_p_to_r.max(), d_r_to_p.max()))
         asd = float((d_p_to_r.mean() + d_r_to_p.mean()) / 2.0)
+        sp_, sr_ = surface(p), surface(r)
+        pooled = np.concatenate([_distance_to_set(sr_, sampling)[sp_],
+                                 _distance_to_set(sp_, sampling)[sr_]])
+        hd95 = float(np.percentile(pooled, 95))
 
     return {
         "dice": float(dice),
         "hd": hd,
+        "hd95": hd95,
         "asd": asd,
         "precision": float(precision),
         "recall": float(recall),

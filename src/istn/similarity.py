@@ -18,14 +18,12 @@ weights in [0, 1] (voxels outside have weight 0).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from .errors import IstnError
+from .registry import Registry
 
-SIMILARITIES: dict[str, type[Similarity]] = {}
+SIMILARITIES = Registry("similarity")
 
 
 class Similarity:
@@ -42,22 +40,12 @@ class Similarity:
         return self.per_pair(warped, target, mask).mean()
 
 
-def register_similarity(name: str) -> Callable[[type[Similarity]], type[Similarity]]:
-    """Class decorator: make the similarity available under ``name`` (config 'similarity')."""
-    def add(cls: type[Similarity]) -> type[Similarity]:
-        if name in SIMILARITIES:
-            raise ValueError(f"similarity '{name}' is registered twice")
-        cls.name = name
-        SIMILARITIES[name] = cls
-        return cls
-    return add
+register_similarity = SIMILARITIES.register
 
 
 def new_similarity(name: str) -> Similarity:
     """An instance of the similarity registered as ``name``; IstnError naming the choices."""
-    if name not in SIMILARITIES:
-        raise IstnError(f"similarity '{name}' is unknown; use one of {', '.join(SIMILARITIES)}")
-    return SIMILARITIES[name]()
+    return SIMILARITIES.lookup(name)()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -111,6 +111,7 @@ def _inputs(args: argparse.Namespace, out: Path) -> tuple[list, list | None, lis
 
 
 def cmd_register(args: argparse.Namespace) -> None:
+    from .. import report
     from ..engine import distributed
     from ..engine.checkpoint import load_model
     from ..engine.register import register_pairs
@@ -139,9 +140,12 @@ def cmd_register(args: argparse.Namespace) -> None:
         return
     if args.pairs:
         write_text(_metrics_csv(names, results), layout.register_metrics(out))
+        page = layout.register_report(out)
+        report.cohort_html(report.pairs_from_register(names, dirs, page), page,
+                           title=f"istn register: {count(len(pairs), 'pair')}")
         procs = f" on {d.world} processes" if d.active else ""
         print(f"registered {count(len(pairs), 'pair')}{procs}; results in '{out}' "
-              f"({layout.register_metrics(out).name})")
+              f"({layout.register_metrics(out).name}, {page.name})")
     else:
         print(f"registered '{args.source}' to '{args.target}'; results in '{out}'")
 
@@ -153,7 +157,7 @@ def _opt(p: str | None) -> Path | None:
 def _metrics_csv(names: list[str], results: list[dict]) -> str:
     buf = _io.StringIO()
     w = csv.writer(buf)
-    cols = ["dice", "hd", "asd", "precision", "recall"]
+    cols = ["dice", "hd", "hd95", "asd", "precision", "recall"]
     w.writerow(["pair", "label", *cols, "landmark_error", "jacobian_min",
                 "jacobian_folding_percent"])
     for name, res in zip(names, results, strict=True):

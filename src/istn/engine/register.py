@@ -148,6 +148,7 @@ class Registration:
     field: sitk.Image | None = None
     inverse_field: sitk.Image | None = None
     warped_seg: sitk.Image | None = None
+    refined: bool = False  # test-time refinement ran (else: the network's prediction)
 
 
 def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device,
@@ -160,8 +161,11 @@ def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device
         params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
                         progress, images=(src, trg))
     params = params.detach().cpu()
-    return [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i])
+    regs = [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i])
             for i in range(len(inputs))]
+    for reg in regs:
+        reg.refined = refine_iters > 0
+    return regs
 
 
 def _registration(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
@@ -213,6 +217,13 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
     return results
 
 
+def _composite(tx: sitk.Transform) -> sitk.CompositeTransform:
+    """``tx`` as an ITK CompositeTransform (what ``.h5`` transform files hold)."""
+    if isinstance(tx, sitk.CompositeTransform):
+        return tx
+    return sitk.CompositeTransform([tx])
+
+
 def write_registration(reg: Registration, inp: PairInputs, out: Path) -> None:
     """The files of one registered pair in ``out`` (names from :mod:`istn.layout`)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +233,9 @@ def write_registration(reg: Registration, inp: PairInputs, out: Path) -> None:
         write_transform(reg.transform, out / FILES["affine"])
     else:
         write_image(reg.field, out / FILES["field"])
+    # every model: one ITK file each way (composite for cascades), read by SimpleITK / ANTs
+    write_transform(_composite(reg.transform), out / FILES["composite"])
+    write_transform(_composite(reg.inverse), out / FILES["inverse"])
     if reg.warped_seg is not None:
         write_image(reg.warped_seg, out / FILES["warped_seg"])
     write_text(json.dumps(reg.metrics, indent=2) + "\n", out / FILES["metrics"])
@@ -230,6 +244,10 @@ def write_registration(reg: Registration, inp: PairInputs, out: Path) -> None:
                                                            sitk.sitkNearestNeighbor))
                       if inp.src_seg is not None else None)
     warped_seg = sitk.GetArrayFromImage(reg.warped_seg) if reg.warped_seg is not None else None
+    m = reg.metrics
     report.registration_figure(before, sitk.GetArrayFromImage(trg),
                                sitk.GetArrayFromImage(reg.warped), inp.trg_seg,
-                               src_seg_before, warped_seg, out / FILES["report"])
+                               src_seg_before, warped_seg, out / FILES["report"],
+                               spacing=trg.GetSpacing(), direction=trg.GetDirection(),
+                               tre=(m.get("landmark_error_identity"), m.get("landmark_error")),
+                               stage="refined" if reg.refined else "predicted")

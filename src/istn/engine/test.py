@@ -21,7 +21,8 @@ from .evaluate import STAGES, Evaluation, evaluate
 from .model import Model
 from .refine import RefineSettings
 
-METRICS = ("dice", "hd", "asd", "precision", "recall", "landmark_error", "landmark_error_gt")
+METRICS = ("dice", "hd", "hd95", "asd", "precision", "recall", "landmark_error",
+           "landmark_error_gt")
 
 
 def _clean(v):
@@ -80,6 +81,9 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
     write_text(json.dumps(summary, indent=2) + "\n", layout.test_summary(folder))
     if res is not None:
         report.pair_grid(ps, res, layout.test_pairs(folder))
+    report.cohort_html(report.pairs_from_test(names, rows, ps, res), layout.test_report(folder),
+                       title=f"istn test: {model.strategy} / {model.transformation}, "
+                       f"{len(names)} pairs")
     return summary
 
 

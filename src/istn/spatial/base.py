@@ -25,15 +25,15 @@ model is one file with a class decorated by ``@register_transformation("name")``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..errors import IstnError
+from ..registry import Registry
 
-TRANSFORMATIONS: dict[str, type[Transformation]] = {}
+TRANSFORMATIONS = Registry("transformation")
 
 
 class Transformation(nn.Module):
@@ -75,23 +75,8 @@ class Transformation(nn.Module):
         return None
 
 
-def register_transformation(name: str) -> Callable[[type[Transformation]], type[Transformation]]:
-    """Class decorator: make a transformation model available as ``--transformation name``."""
-    def add(cls: type[Transformation]) -> type[Transformation]:
-        if name in TRANSFORMATIONS:
-            raise ValueError(f"transformation '{name}' is registered twice")
-        cls.name = name
-        TRANSFORMATIONS[name] = cls
-        return cls
-    return add
-
-
-def transformation_class(name: str) -> type[Transformation]:
-    """The class registered as ``name``; IstnError naming the choices."""
-    if name not in TRANSFORMATIONS:
-        raise IstnError(f"transformation '{name}' is unknown; use one of "
-                        f"{', '.join(TRANSFORMATIONS)}")
-    return TRANSFORMATIONS[name]
+register_transformation = TRANSFORMATIONS.register
+transformation_class = TRANSFORMATIONS.lookup
 
 
 def new_transformation(name: str, shape: Sequence[int], **options) -> Transformation:
