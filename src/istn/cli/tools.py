@@ -14,11 +14,16 @@ from .common import add_command, add_options
 def add_data_parsers(sub) -> None:
     """``synth`` and ``demo``."""
     s = add_command(sub, "synth", cmd_synth, "generate a synthetic dataset with ground truth")
-    s.add_argument("dim", choices=["2d", "3d"], help="2D (PNG) or 3D (NIfTI) data")
+    s.add_argument("dim", choices=["2d", "3d", "brain"],
+                   help="2D (PNG) or 3D (NIfTI) data; brain: MNI152 brain MRI (istn[brain])")
     add_options(s, "out")
-    s.add_argument("--pairs", type=int, default=None, help="training pairs (2D 100, 3D 20)")
-    s.add_argument("--val", type=int, default=10, help="validation pairs (default 10)")
+    s.add_argument("--pairs", type=int, default=None,
+                   help="training pairs (2D 100, 3D 20, brain 40)")
+    s.add_argument("--val", type=int, default=10, help="validation pairs (default 10; "
+                   "brain: none)")
     s.add_argument("--test", type=int, default=10, help="test pairs (default 10)")
+    s.add_argument("--nonrigid", action="store_true",
+                   help="brain: compose each affine with a smooth B-spline deformation")
     s.add_argument("--size", type=int, nargs="+", default=None,
                    help="image size x y [z] (default 128 128 / 64 64 64)")
     add_options(s, "seed", "debug")
@@ -40,6 +45,8 @@ def add_cache_parser(sub) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    if args.dim == "brain":
+        return _synth_brain(args)
     from ..synth import generate
 
     dim = 2 if args.dim == "2d" else 3
@@ -51,6 +58,20 @@ def cmd_synth(args: argparse.Namespace) -> None:
                    size=args.size, seed=args.seed)
     print(f"wrote {args.dim} synthetic data (pairs: {n} train, {args.val} val, {args.test} "
           f"test) to '{out}' in {time.perf_counter() - t0:.1f} s")
+
+
+def _synth_brain(args: argparse.Namespace) -> None:
+    from ..brain import generate_brain
+
+    if args.size is not None:
+        raise IstnError("--size does not apply to brain data (sampled at 2 mm from the template)")
+    n = args.pairs if args.pairs is not None else 40
+    t0 = time.perf_counter()
+    out = generate_brain(args.out, n_train=n, n_test=args.test, seed=args.seed,
+                         nonrigid=args.nonrigid)
+    print(f"wrote brain MRI data ({n} train, {args.test} test pairs"
+          f"{', nonrigid' if args.nonrigid else ''}) to '{out}' in "
+          f"{time.perf_counter() - t0:.1f} s")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -1,0 +1,333 @@
+"""The MNI152 brain set (istn.brain) and the scoring of its benchmark (istn.bench_brain)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytest.importorskip("nilearn")  # the template ships in the nilearn wheel (the test extra)
+
+from istn import bench_brain as bb  # noqa: E402
+from istn import brain  # noqa: E402
+from istn.errors import IstnError  # noqa: E402
+
+SPACING = 2.0
+
+
+@pytest.fixture(scope="module")
+def template() -> brain.Template:
+    return brain.load_template()
+
+
+@pytest.fixture(scope="module")
+def brain_set(tmp_path_factory, template) -> Path:
+    """2 train + 4 test images; seed 5 draws sagittal, coronal, oblique and thick storage."""
+    out = tmp_path_factory.mktemp("brain")
+    return brain.generate_brain(out, n_train=2, n_test=4, seed=5, spacing=SPACING,
+                                p_thick=0.5, p_oblique=0.5, template=template)
+
+
+def _meta(root: Path) -> dict:
+    return json.loads((root / "images.json").read_text())
+
+
+def _stem(path: Path) -> str:
+    return str(path)[: -len(".nii.gz")]
+
+
+def _gt(pair: bb.Pair) -> sitk.Transform:
+    return brain.pair_transform(sitk.ReadTransform(_stem(pair.src) + "_transform.tfm"),
+                                sitk.ReadTransform(_stem(pair.trg) + "_transform.tfm"))
+
+
+# ---------------------------------------------------------------------------- generator
+
+
+def test_storage_grid_orientations_and_thick_slices():
+    centre = np.array([1.0, -17.0, 9.0])
+    g = brain.storage_grid("ASL", (2.0, 2.0, 4.0), centre)
+    # sagittal storage: i runs anterior (-y), j superior (+z), k left (+x), slices along x
+    np.testing.assert_array_equal(g.direction, [[0, 0, 1], [-1, 0, 0], [0, 1, 0]])
+    assert g.size == (112, 96, 48) and g.spacing == (2.0, 2.0, 4.0)
+    ref = g.reference()
+    centre_idx = [(n - 1) / 2 for n in ref.GetSize()]
+    np.testing.assert_allclose(ref.TransformContinuousIndexToPhysicalPoint(centre_idx), centre,
+                               atol=1e-9)
+    assert brain.storage_grid("LPS", (2.0,) * 3, centre).size == (96, 112, 96)
+    np.testing.assert_array_equal(brain.storage_grid("RAS", (2.0,) * 3, centre).direction,
+                                  np.diag([-1.0, -1.0, 1.0]))
+    tilt = brain._random_rotation(np.random.default_rng(0), 5.0)
+    ob = brain.storage_grid("LSA", (2.0,) * 3, centre, tilt)
+    assert 0 < ob.oblique_deg <= 5.0 and ob.size == (96, 96, 112)
+    np.testing.assert_allclose(ob.direction, tilt @ brain._direction("LSA"))
+
+
+def test_generated_geometry_is_as_documented(brain_set):
+    meta = _meta(brain_set)
+    test = {k: v for k, v in meta.items() if k.startswith("test/")}
+    # the seed is chosen so that the set shows every kind of storage the docstring names
+    assert any(v["thick_slices"] for v in test.values())
+    assert any(v["oblique_deg"] > 0 for v in test.values())
+    assert {v["orientation"][2] for v in test.values()} & {"L", "R"}  # sagittal slices
+    for stem, v in meta.items():
+        img = sitk.ReadImage(str(brain_set / f"{stem}.nii.gz"))
+        assert img.GetPixelID() == sitk.sitkInt16
+        d = np.array(img.GetDirection()).reshape(3, 3)
+        np.testing.assert_allclose(d, np.reshape(v["direction"], (3, 3)), atol=1e-6)
+        d0 = brain._direction(v["orientation"])
+        # the tilt is a rotation of at most 5 degrees away from the coded direction
+        angle = np.degrees(np.arccos(np.clip((np.trace(d @ d0.T) - 1) / 2, -1, 1)))
+        assert angle == pytest.approx(v["oblique_deg"], abs=1e-3) and angle <= 5.0 + 1e-6
+        want = (SPACING, SPACING, 2 * SPACING if v["thick_slices"] else SPACING)
+        if "reoriented_from" not in v:
+            np.testing.assert_allclose(img.GetSpacing(), want)
+            extent = np.abs(d0).T @ np.array(brain.FOV_MM)
+            assert img.GetSize() == tuple(int(n) for n in np.rint(extent / np.array(want)))
+        for suffix in ("_seg", "_labels"):
+            other = sitk.ReadImage(str(brain_set / f"{stem}{suffix}.nii.gz"))
+            assert other.GetSize() == img.GetSize()
+            np.testing.assert_allclose(other.GetDirection(), img.GetDirection())
+            np.testing.assert_allclose(other.GetOrigin(), img.GetOrigin())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(brain_set / "test/brain_000_labels.nii.gz")))
+    assert set(np.unique(labels).tolist()) == {0, 1, 2}
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(brain_set / "test/brain_000_seg.nii.gz")))
+    assert seg.dtype == np.float32 and 0 <= seg.min() and seg.max() <= 2.0 + 1e-5
+
+
+def test_reoriented_targets_hold_the_same_voxels(brain_set):
+    meta = _meta(brain_set)
+    moved = {k: v for k, v in meta.items() if "reoriented_from" in v}
+    assert moved
+    for stem, v in moved.items():
+        orig = sitk.ReadImage(str(brain_set / f"{v['reoriented_from']}.nii.gz"))
+        new = sitk.ReadImage(str(brain_set / f"{stem}.nii.gz"))
+        assert not np.allclose(orig.GetDirection(), new.GetDirection())  # permuted/flipped
+        # same physical content: resampling at the original's voxel centres is exact
+        back = sitk.Resample(new, orig, sitk.Transform(), sitk.sitkNearestNeighbor)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(orig))
+
+
+def test_ground_truth_maps_template_landmarks_exactly(brain_set, template):
+    tpl_pts = brain.read_points_csv(brain_set / "template_points.csv")
+    assert tpl_pts.shape == (20, 3)
+    np.testing.assert_allclose(tpl_pts, template.landmarks, atol=1e-5)
+    # the landmarks lie inside the template's tissue and are spread out
+    prob = [template.gm.EvaluateAtPhysicalPoint(p.tolist()) +
+            template.wm.EvaluateAtPhysicalPoint(p.tolist()) for p in tpl_pts]
+    assert min(prob) >= brain.TISSUE_THRESHOLD
+    gaps = np.linalg.norm(tpl_pts[:, None] - tpl_pts[None], axis=-1) + np.eye(20) * 1e9
+    assert gaps.min() > 20.0
+    for stem in _meta(brain_set):
+        tx = sitk.ReadTransform(str(brain_set / f"{stem}_transform.tfm"))
+        pts = brain.read_points_csv(brain_set / f"{stem}_points.csv")
+        np.testing.assert_allclose(bb.map_points(tx, pts), tpl_pts, atol=1e-4)
+
+
+def test_ground_truth_pair_map_reproduces_target_labels(brain_set):
+    meta = _meta(brain_set)
+    pairs = bb.read_pairs(brain_set / "pairs.csv") + bb.read_pairs(
+        brain_set / "pairs_reoriented.csv")
+    checked_iso = 0
+    for pair in pairs:
+        s = bb.score_pair(_gt(pair), pair)
+        assert max(s["tre"]) < 1e-4  # the landmarks correspond exactly
+        rel = lambda p: str(p.relative_to(brain_set))[: -len(".nii.gz")]  # noqa: E731
+        thick = meta[rel(pair.src)]["thick_slices"] or meta[rel(pair.trg)]["thick_slices"]
+        # nearest-neighbour resampling of 2 mm labels leaves ~8 % disagreement at tissue
+        # borders; 4 mm slices leave more
+        floor = 0.85 if thick else 0.9
+        assert s["dice_gm"] > floor and s["dice_wm"] > floor, (pair, s["dice_gm"], s["dice_wm"])
+        checked_iso += not thick
+        # while no registration is far off
+        none = bb.score_pair(sitk.AffineTransform(3), pair)
+        assert none["dice_gm"] < 0.8 and np.mean(none["tre"]) > 5.0
+    assert checked_iso >= 2
+
+
+def test_pair_transform_is_target_to_source():
+    t_s, t_t = sitk.TranslationTransform(3, (1.0, 2.0, 3.0)), sitk.AffineTransform(3)
+    t_t.SetMatrix([2, 0, 0, 0, 1, 0, 0, 0, 1])
+    gt = brain.pair_transform(t_s, t_t)
+    # x_s = T_s^-1(T_t(x_t)) = (2x - 1, y - 2, z - 3)
+    np.testing.assert_allclose(gt.TransformPoint((1.0, 1.0, 1.0)), (1.0, -1.0, -2.0))
+
+
+def test_csvs_and_config(brain_set):
+    from istn.config import load_config
+    from istn.data import read_pair_csv
+
+    for split in ("train", "test", "test_reoriented"):
+        for suffix in ("csv", "seg.csv", "labels.csv", "points.csv", "transforms.csv"):
+            rows = read_pair_csv(brain_set / f"{split}.{suffix}")
+            assert len(rows) == (2 if split == "train" else 4)
+            assert all(p.is_file() for pair in rows for p in pair)
+            assert all(s != t for s, t in rows)
+    # istn register --pairs: the columns it accepts, label maps as segmentations
+    for name in ("pairs.csv", "pairs_reoriented.csv"):
+        lines = (brain_set / name).read_text().splitlines()
+        assert lines[0] == "src,trg,src_seg,trg_seg,src_points,trg_points" and len(lines) == 5
+        for row in lines[1:]:
+            cells = row.split(",")
+            assert all((brain_set / c).is_file() for c in cells)
+            assert cells[2].endswith("_labels.nii.gz") and cells[4].endswith("_points.csv")
+    cfg = load_config(brain_set / "config.json")
+    assert cfg.dim == 3 and cfg.normalizer_img == "range_matching"
+    assert cfg.max_translation == 0.2
+
+
+def test_reproducible_and_cli(tmp_path, template, monkeypatch):
+    a = brain.generate_brain(tmp_path / "a", 0, 2, seed=3, spacing=6.0, template=template)
+    b = brain.generate_brain(tmp_path / "b", 0, 2, seed=3, spacing=6.0, template=template)
+    for name in ("pairs.csv", "images.json", "test/brain_001_points.csv"):
+        assert (a / name).read_text() == (b / name).read_text()
+    arr = lambda d: sitk.GetArrayFromImage(sitk.ReadImage(str(d / "test/brain_001.nii.gz")))  # noqa: E731
+    np.testing.assert_array_equal(arr(a), arr(b))
+    # a rewrite drops the index files of splits it no longer writes, and only those
+    (a / "train.csv").write_text("src,trg\nx,y\n")
+    (a / "mine.csv").write_text("keep\n")
+    brain.generate_brain(a, 0, 2, seed=3, spacing=6.0, template=template)
+    assert not (a / "train.csv").exists() and (a / "mine.csv").exists()
+    monkeypatch.setattr(brain, "load_template", lambda n=20: template)
+    assert brain.main(["--out", str(tmp_path / "c"), "--n-train", "0", "--n-test", "2",
+                       "--spacing", "6", "--seed", "3"]) == 0
+    assert (tmp_path / "c" / "pairs.csv").read_text() == (a / "pairs.csv").read_text()
+    assert brain.main(["--out", str(tmp_path / "d"), "--n-test", "1"]) == 2
+    # the same set through `istn synth brain`
+    from istn.cli import main
+
+    assert main(["synth", "brain", "--out", str(tmp_path / "e"), "--pairs", "0", "--test", "2",
+                 "--seed", "3"]) == 0
+    assert (tmp_path / "e" / "config.json").is_file() and (tmp_path / "e" / "test.csv").is_file()
+    assert main(["synth", "brain", "--out", str(tmp_path / "f"), "--size", "64", "64"]) == 2
+
+
+def test_missing_nilearn_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nilearn" else real(name, *a))
+    with pytest.raises(IstnError, match=r"pip install istn\[brain\]"):
+        brain.template_paths()
+
+
+def test_nonrigid_deformation(tmp_path, template):
+    out = brain.generate_brain(tmp_path, 0, 2, seed=1, spacing=4.0, nonrigid=True,
+                               template=template)
+    tpl_pts = brain.read_points_csv(out / "template_points.csv")
+    for k in range(2):
+        stem = out / f"test/brain_{k:03d}"
+        tx = sitk.ReadTransform(f"{stem}_transform.h5")
+        inv = sitk.ReadTransform(f"{stem}_inverse.h5")
+        pts = brain.read_points_csv(f"{stem}_points.csv")
+        np.testing.assert_allclose(bb.map_points(tx, pts), tpl_pts, atol=1e-4)
+        np.testing.assert_allclose(bb.map_points(inv, tpl_pts), pts, atol=0.1)
+        bspline = sitk.CompositeTransform(tx).GetNthTransform(1)
+        img = sitk.ReadImage(f"{stem}.nii.gz")
+        field = sitk.TransformToDisplacementField(
+            bspline, sitk.sitkVectorFloat64, img.GetSize(), img.GetOrigin(), img.GetSpacing(),
+            img.GetDirection())
+        disp = np.linalg.norm(sitk.GetArrayFromImage(field), axis=-1)
+        jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+        assert 0.5 < disp.max() < 6.0 and jac.min() > 0.5  # a few mm, no folding
+    pair = bb.read_pairs(out / "pairs.csv")[0]
+    gt = brain.pair_transform(sitk.ReadTransform(_stem(pair.src) + "_transform.h5"),
+                              sitk.ReadTransform(_stem(pair.trg) + "_transform.h5"),
+                              sitk.ReadTransform(_stem(pair.src) + "_inverse.h5"))
+    assert max(bb.score_pair(gt, pair)["tre"]) < 0.1
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def test_warp_labels_by_hand():
+    lab = np.zeros((4, 5, 6), np.uint8)  # (z, y, x)
+    lab[1, 2, 3] = 2
+    img = sitk.GetImageFromArray(lab)
+    img.SetSpacing((2.0, 2.0, 2.0))
+    # target point p samples the source at p + (2, 0, 0) mm: one voxel further along x
+    out = bb.warp_labels(img, img, sitk.TranslationTransform(3, (2.0, 0.0, 0.0)))
+    want = np.zeros_like(lab)
+    want[1, 2, 2] = 2
+    np.testing.assert_array_equal(out, want)
+
+
+def test_dice_by_hand():
+    a, b = np.array([1, 1, 0, 2, 2]), np.array([1, 0, 0, 2, 2])
+    assert bb.dice(a, b, 1) == pytest.approx(2 / 3)
+    assert bb.dice(a, b, 2) == 1.0
+    assert np.isnan(bb.dice(a, b, 3))
+
+
+def test_tre_and_summary_by_hand():
+    trg = np.array([[0.0, 0, 0], [10, 0, 0], [0, 5, 5]])
+    errors = bb.tre(sitk.TranslationTransform(3, (1.0, 2.0, 2.0)), trg, trg)
+    np.testing.assert_allclose(errors, [3.0, 3.0, 3.0])
+    s = bb.summarise(np.arange(11.0))
+    assert s == {"mean": 5.0, "median": 5.0, "p90": 9.0}
+    with pytest.raises(IstnError, match="corresponding"):
+        bb.tre(sitk.Transform(3, sitk.sitkIdentity), trg, trg[:2])
+
+
+def test_aggregate_table_and_istn_transforms(tmp_path):
+    rows = [{"dice_gm": 0.5, "dice_wm": 0.7, "tre": [1.0, 3.0], "seconds": 2.0},
+            {"dice_gm": 0.7, "dice_wm": 0.9, "tre": [5.0], "seconds": 4.0}]
+    agg = bb.aggregate(rows)
+    assert agg["dice_gm"] == pytest.approx(0.6) and agg["tre_mean"] == pytest.approx(3.0)
+    assert agg["tre_median"] == 3.0 and agg["seconds_per_pair"] == 3.0 and agg["pairs"] == 2
+    table = bb.markdown_table({"test": {"none": agg}})
+    assert "| test | none | 0.600 | 0.800 | 3.00 | 3.00 |" in table
+    for i in range(2):
+        (tmp_path / f"{i:04d}_brain_{i:03d}").mkdir()
+        tx = sitk.AffineTransform(3)
+        tx.SetTranslation((float(i), 0.0, 0.0))
+        sitk.WriteTransform(tx, str(tmp_path / f"{i:04d}_brain_{i:03d}" / "transform.tfm"))
+    got = bb.istn_transforms(tmp_path, 2)
+    assert got[1].TransformPoint((0.0, 0.0, 0.0)) == pytest.approx((1.0, 0.0, 0.0))
+    with pytest.raises(IstnError):
+        bb.istn_transforms(tmp_path, 3)
+
+
+# ---------------------------------------------------------------------------- baselines
+
+
+def _quality(method, brain_set: Path) -> None:
+    pair = bb.read_pairs(brain_set / "pairs.csv")[1]
+    none = bb.score_pair(sitk.AffineTransform(3), pair)
+    tx, seconds = method(pair.src, pair.trg, 1, 0)
+    got = bb.score_pair(tx, pair)
+    assert seconds > 0
+    assert np.mean(got["tre"]) < min(2.0, 0.25 * np.mean(none["tre"]))
+    assert got["dice_gm"] > none["dice_gm"] + 0.1
+
+
+def test_simpleitk_affine_beats_no_registration(brain_set):
+    _quality(bb.simpleitk_affine, brain_set)
+
+
+def test_ants_affine_beats_no_registration(brain_set):
+    pytest.importorskip("ants")
+    _quality(bb.ants_affine, brain_set)
+
+
+def test_elastix_affine_beats_no_registration(brain_set):
+    pytest.importorskip("itk")
+    _quality(bb.elastix_affine, brain_set)
+
+
+def test_benchmark_writes_json_and_table(brain_set, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bb, "available_methods",
+                        lambda: ({"none": bb.no_registration}, {"simpleitk": "test"}))
+    assert bb.main(["--data", str(brain_set), "--out", str(tmp_path), "--skip-istn",
+                    "--limit", "1"]) == 0
+    report = json.loads((tmp_path / "bench_brain.json").read_text())
+    assert set(report["summary"]) == {"test", "reoriented"}
+    assert report["summary"]["test"]["none"]["pairs"] == 1
+    truth = report["summary"]["reoriented"]["truth"]
+    assert truth["tre_p90"] < 1e-4 and truth["dice_gm"] > 0.85
+    assert report["skipped"]["istn"] == "--skip-istn"
+    assert "| reoriented | none |" in capsys.readouterr().out
