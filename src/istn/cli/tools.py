@@ -69,7 +69,7 @@ def _synth_brain(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = generate_brain(args.out, n_train=n, n_test=args.test, seed=args.seed,
                          nonrigid=args.nonrigid)
-    print(f"wrote brain MRI data ({n} train, {args.test} test pairs"
+    print(f"wrote brain MRI data (pairs: {n} train, {args.test} test"
           f"{', nonrigid' if args.nonrigid else ''}) to '{out}' in "
           f"{time.perf_counter() - t0:.1f} s")
 
