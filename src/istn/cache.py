@@ -33,8 +33,8 @@ from .io import write_atomically
 # Bump when preprocessing (normalise/resample/read_image) or the entry layout changes:
 # old entries then stop matching any key.
 # 2: world-aligned network grids (grid_orientation, grid_centre) and segmentations on
-# their image's grid.
-FORMAT_VERSION = 2
+# their image's grid. 3: read_image drops the alpha channel of RGBA/LA images.
+FORMAT_VERSION = 3
 # A file modified less than this long ago is not cached: a second write within the
 # file system's timestamp granularity (coarse clock ticks; 2 s on FAT) could keep
 # the same mtime and size, and the stale entry would then be served ("racy" files).

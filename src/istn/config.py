@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,19 @@ def from_dict(data: dict[str, Any], source: str = "config", legacy: bool = False
     return validate(Config(**values), source)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3`` is a number, not a string.
+
+    PyYAML follows YAML 1.1, whose floats need a dot (``1.0e-3``); JSON and YAML 1.2
+    do not, and ``learning_rate: 1e-3`` is how people write it.
+    """
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a JSON or YAML config file (or defaults if None) and apply overrides."""
     data: dict[str, Any] = {}
@@ -252,7 +266,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise IstnError(f"config file '{p}' does not exist or is not a file")
         try:
             text = p.read_text()
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if p.suffix == ".json" else yaml.load(text, _Yaml12Loader)
         except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise IstnError(f"config file '{p}' is not valid JSON/YAML: {e}") from None
         if data is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,8 +72,12 @@ def read_points(path: Path, dim: int) -> np.ndarray:
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     want = ["x", "y", "z"][:dim]
-    if not rows or [c.strip() for c in rows[0]][:dim] != want:
+    header = [c.strip() for c in rows[0]] if rows else []
+    if header[:dim] != want:
         raise IstnError(f"points CSV '{path}' must start with the header '{','.join(want)}'")
+    if len(header) > dim:  # e.g. x,y,z for a 2D transform: dropping z would be silent
+        raise IstnError(f"points CSV '{path}' has the columns '{','.join(header)}' but the "
+                        f"images and transform are {dim}D; give exactly '{','.join(want)}'")
     try:
         pts = np.array([[float(v) for v in r[:dim]] for r in rows[1:]], dtype=float)
     except ValueError:
@@ -204,7 +209,9 @@ def prepare_volume(img: sitk.Image, cfg: Config, kind: str, mask: np.ndarray | N
     norm = {"img": cfg.normalizer_img, "seg": cfg.normalizer_seg, "raw": "none"}[kind]
     if img.GetDimension() != cfg.dim:
         raise IstnError(f"{what} is {img.GetDimension()}D but the config is {cfg.dim}D "
-                        f"(size {cfg.size}); use a {img.GetDimension()}D config or --mode3d")
+                        f"(size {cfg.size}); {img.GetDimension()}D images need a "
+                        f"{img.GetDimension()}D config (istn train/test: --config or --mode3d; "
+                        f"istn register: a model trained on {img.GetDimension()}D images)")
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise IstnError(f"{what} has {img.GetNumberOfComponentsPerPixel()} components per "
                         "voxel; give a scalar (grey-value) image")
@@ -255,10 +262,47 @@ def load_pairs(cfg: Config, images: str | Path, segs: str | Path | None = None,
             raise IstnError(f"{key} CSV '{path}' lists {len(extra[key])} pairs but image CSV "
                             f"'{images}' lists {len(pairs)}; the CSVs must be parallel")
     rank, world = part
+    names = pair_names([s for s, _ in pairs])[rank::world]  # unique over every shard
     pairs = pairs[rank::world]
     extra = {k: v[rank::world] if v is not None else None for k, v in extra.items()}
     return load_pair_lists(cfg, pairs, extra["seg"], extra["mask"], extra["points"],
-                           extra["transforms"])
+                           extra["transforms"], names)
+
+
+def pair_names(sources: list[Path | sitk.Image]) -> list[str]:
+    """A unique name per pair: the source file's stem (``pairN`` for an image in memory).
+
+    Where stems repeat (``sub-01/anat/T1w.nii.gz``, ``sub-02/anat/T1w.nii.gz``) the
+    shortest run of parent folders that tells them apart is prepended
+    (``sub-01_anat_T1w``); output files and result rows are named after it.
+    """
+    def name(i: int, depth: int) -> str:
+        s = sources[i]
+        if isinstance(s, sitk.Image):
+            return f"pair{i + 1}"
+        folders = list(Path(s).parent.parts[1:] if Path(s).is_absolute()
+                       else Path(s).parent.parts)
+        kept = folders[max(len(folders) - depth, 0):] if depth else []
+        return "_".join([*kept, Path(s).name.split(".")[0]])
+
+    depth = [0] * len(sources)
+    while True:
+        names = [name(i, d) for i, d in enumerate(depth)]
+        counts = Counter(names)
+        # files that share a name (not one file listed twice) take one more folder
+        distinct = Counter(n for n, _ in {(n, str(s)) for n, s in zip(names, sources, strict=True)})
+        grow = [i for i, n in enumerate(names)
+                if distinct[n] > 1 and name(i, depth[i] + 1) != n]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    seen: Counter[str] = Counter()
+    for i, n in enumerate(names):  # the same file listed twice: number the repeats
+        seen[n] += 1
+        if counts[n] > 1 and seen[n] > 1:
+            names[i] = f"{n}_{seen[n]}"
+    return names
 
 
 Pairs = list[tuple[Path, Path]]
@@ -277,12 +321,21 @@ def _point_csvs(points: Pairs | None) -> bool:
     return kinds.pop()
 
 
+def _check_same_size(seg: sitk.Image, seg_path, img: sitk.Image, img_path) -> None:
+    if seg.GetSize() != img.GetSize():
+        raise IstnError(f"segmentation '{seg_path}' has size {list(seg.GetSize())} but its "
+                        f"image '{img_path}' has size {list(img.GetSize())}; segmentations "
+                        "must match their image")
+
+
 def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                     masks: Pairs | None = None, points: Pairs | None = None,
-                    transforms: Pairs | None = None) -> PairSet:
+                    transforms: Pairs | None = None, names: list[str] | None = None
+                    ) -> PairSet:
     """Load pairs given as parallel lists of (source, target) onto the network grid.
 
-    The images of ``pairs`` are paths or ``sitk.Image`` objects (named ``pairN``).
+    The images of ``pairs`` are paths or ``sitk.Image`` objects; ``names`` defaults
+    to :func:`pair_names`.
     """
     extra = {"seg": segs, "mask": masks, "points": points, "transforms": transforms}
     keys = ("src", "trg", "src_seg", "trg_seg", "src_pts", "trg_pts")
@@ -311,14 +364,19 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                 ss, ts = extra[key][i]
                 prefix = "seg" if key == "seg" else "pts"
                 # On the image's own network grid (its centre, not the segmentation's).
-                arrays[f"src_{prefix}"].append(load_volume(ss, cfg, kind, None, what, sres)[0])
-                arrays[f"trg_{prefix}"].append(load_volume(ts, cfg, kind, None, what, tres)[0])
-        ps.names.append(f"pair{i + 1}" if isinstance(s, sitk.Image) else Path(s).name.split(".")[0])
+                sv = load_volume(ss, cfg, kind, None, what, sres)
+                tv = load_volume(ts, cfg, kind, None, what, tres)
+                if key == "seg":  # as istn register: a SoI must cover its image voxel by voxel
+                    _check_same_size(sv[2], ss, sfile, s)
+                    _check_same_size(tv[2], ts, tfile, t)
+                arrays[f"src_{prefix}"].append(sv[0])
+                arrays[f"trg_{prefix}"].append(tv[0])
         ps.src_file.append(Geometry.of(sfile))
         ps.trg_file.append(Geometry.of(tfile))
         ps.src_grid.append(Geometry.of(sres))
         ps.trg_grid.append(Geometry.of(tres))
         ps.references.append(tres)
+    ps.names = names if names is not None else pair_names([s for s, _ in pairs])
     if extra["transforms"] is not None:
         from .synth import read_transform
 

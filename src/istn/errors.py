@@ -6,3 +6,8 @@ class IstnError(Exception):
 
     The CLI prints it on one line and exits with status 2.
     """
+
+
+def count(n: int, noun: str) -> str:
+    """``1 pair``, ``2 pairs``: a number with its noun, singular for one (messages)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

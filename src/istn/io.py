@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from . import layout
 from .errors import IstnError
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     """Read any SimpleITK-supported image as float32 scalar image, geometry kept.
 
-    Multi-component (e.g. RGB PNG) images are averaged to one channel.
+    An alpha channel is dropped; colour (RGB) images are averaged to one channel, with a
+    warning; images 1 voxel thick along an axis are refused.
     """
     p = Path(path)
     if p.is_dir():
@@ -36,24 +40,19 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
                         "images (split time series or channels into separate files)")
     if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
         raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
-    return _scalar_float(img)
+    return _scalar_float(img, f"{what} '{p}'")
 
 
-def _scalar_float(img: sitk.Image) -> sitk.Image:
-    """float32, one channel: multi-component (e.g. RGB) voxels are averaged."""
-    if img.GetNumberOfComponentsPerPixel() > 1:
-        arr = sitk.GetArrayFromImage(img).astype(np.float32).mean(axis=-1)
-        out = sitk.GetImageFromArray(arr)
-        out.CopyInformation(img)
-        img = out
-    return sitk.Cast(img, sitk.sitkFloat32)
+def _scalar_float(img: sitk.Image, what: str) -> sitk.Image:
+    """float32, one channel (see :func:`_scalar`); ``what`` names the image."""
+    return sitk.Cast(_scalar(img, what), sitk.sitkFloat32)
 
 
 def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") -> sitk.Image:
     """A float32 scalar image from a file, an ``sitk.Image`` or a numpy array.
 
     Files are read with :func:`read_image`. An ``sitk.Image`` keeps its geometry
-    (multi-component images are averaged to one channel, as files are). A numpy array
+    (multi-component images become one channel, as files do). A numpy array
     is in SimpleITK order (z, y, x) and gets unit spacing, zero origin and the identity
     direction: give an ``sitk.Image`` for anything else.
     """
@@ -68,10 +67,38 @@ def as_image(source: str | Path | sitk.Image | np.ndarray, what: str = "image") 
                         f"got {type(source).__name__}")
     if source.GetDimension() not in (2, 3):
         raise IstnError(f"{what} is {source.GetDimension()}D; istn registers 2D and 3D images")
-    img = _scalar_float(source)
+    img = _scalar_float(source, what)
     if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
         raise IstnError(f"{what} contains NaN or Inf values; clean or mask them first")
     return img
+
+
+# integer vector pixels: PNG, TIFF, JPEG colours, whose last channel of 2 or 4 is alpha
+_COLOUR_TYPES = (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16)
+
+
+def _scalar(img: sitk.Image, what: str) -> sitk.Image:
+    """One channel: alpha dropped (it is no intensity); colours averaged, with a warning.
+
+    ``what`` names the image (with its file). Also refuses images without extent
+    along an axis (a single slice, a line): they cannot be resampled onto a grid.
+    """
+    if min(img.GetSize()) < 2:
+        raise IstnError(f"{what} has size {list(img.GetSize())}: it is 1 voxel thick along an "
+                        "axis (a single slice or line); give at least 2 voxels per axis "
+                        "(store a single slice as a 2D image)")
+    n = img.GetNumberOfComponentsPerPixel()
+    if n == 1:
+        return img
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    if n in (2, 4) and img.GetPixelID() in _COLOUR_TYPES:
+        arr = arr[..., :-1]
+    if arr.shape[-1] > 1 and not (arr == arr[..., :1]).all():
+        print(f"istn: warning: {what} has {arr.shape[-1]} colour channels; using their mean "
+              "as grey value (convert it to a grey-value image to choose)", file=sys.stderr)
+    out = sitk.GetImageFromArray(arr.mean(axis=-1))
+    out.CopyInformation(img)
+    return out
 
 
 def _nifti_finite(path: Path) -> bool:
@@ -111,18 +138,108 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A crash leaves either the old file or the new one, never a half-written one.
+    Failures name ``path``, never the temporary file: an ``OSError`` (full disk, no
+    permission) stays an ``OSError`` with ``path`` as its file name; a writer's
+    ``RuntimeError`` (SimpleITK: unknown format or pixel type; torch.save: a failed
+    write) becomes an :class:`IstnError`.
     """
-    tmp = atomic_path(path)
+    try:
+        tmp = atomic_path(path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).replace(str(tmp), str(path)).splitlines()]
+        why = (lines[-1] if lines and lines[-1] else type(e).__name__).removeprefix(
+            "sitk::ERROR: ")
+        raise IstnError(f"cannot write '{path}': {why[:200]}; check the file extension (the "
+                        "format), the path, permissions and free disk space") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def replace_folder(folder: str | Path, write: Callable[[Path], object],
+                   results: Collection[str] = ()) -> None:
+    """Write a set of result files as a whole: ``write(tmp)`` fills a sibling folder,
+    which then replaces ``folder``.
+
+    A failure (a full disk) leaves the old folder as it was or the new one complete,
+    never old files next to new ones. Entries of the old folder not named in
+    ``results`` (the user's own files) are moved into the new one.
+    """
+    folder = Path(folder).absolute()
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise IstnError(f"output folder '{folder}' holds the working folder; its results are "
+                        "replaced as a whole: give a folder of its own")
+    new, old = layout.staging_dir(folder), layout.replaced_dir(folder)
+    for leftover in (new, old):  # from a run that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    new.mkdir(parents=True)
+    try:
+        write(new)
+        if folder.exists():
+            os.rename(folder, old)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        if old.exists():
+            os.rename(old, folder)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if old.exists():
+        for entry in old.iterdir():
+            if entry.name not in results:
+                os.replace(entry, folder / entry.name)
+        shutil.rmtree(old)
+
+
+# formats that hold unsigned integers only: the pixel types they take, smallest first
+_INTEGER_FORMATS = {".png": ((sitk.sitkUInt8, np.uint8), (sitk.sitkUInt16, np.uint16)),
+                    **{s: ((sitk.sitkUInt8, np.uint8),) for s in (".jpg", ".jpeg", ".bmp")}}
+
+
+def _for_format(image: sitk.Image, path: Path) -> sitk.Image:
+    """``image`` cast to an integer type the format of ``path`` holds (PNG: 8 or 16 bit).
+
+    Values that do not fit are rounded and clipped, with a warning naming the file.
+    """
+    types = _INTEGER_FORMATS.get(path.suffix.lower())
+    if types is None or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    arr = sitk.GetArrayFromImage(image)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    pixel, dtype = next(((p, d) for p, d in types if hi <= np.iinfo(d).max), types[-1])
+    top = np.iinfo(dtype).max
+    fitted = np.clip(np.rint(arr), 0, top)
+    if lo < 0 or hi > top:
+        print(f"istn: warning: '{path}': values {lo:g} to {hi:g} clipped to 0 to {top} (a "
+              f"{path.suffix} file holds integers 0 to {top}); write .nii.gz or .mha to keep "
+              "them", file=sys.stderr)
+    elif not np.array_equal(fitted, arr):
+        print(f"istn: warning: '{path}': values rounded to integers (a {path.suffix} file "
+              "holds integers); write .nii.gz or .mha to keep them", file=sys.stderr)
+    if image.GetPixelID() == pixel:
+        return image
+    out = sitk.GetImageFromArray(fitted.astype(dtype))
+    out.CopyInformation(image)
+    return out
+
+
 def write_image(image: sitk.Image, path: str | Path) -> None:
-    """Write an image atomically."""
-    write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp)))
+    """Write an image atomically, in an integer type where the format needs one (PNG)."""
+    p = Path(path)
+    if not p.suffix:
+        raise IstnError(f"output image '{p}' has no file extension; add one that names the "
+                        "format: .nii.gz, .mha, .nrrd, .png, ...")
+    image = _for_format(image, p)
+    write_atomically(p, lambda tmp: sitk.WriteImage(image, str(tmp)))
 
 
 def write_text(text: str, path: str | Path) -> None:

@@ -11,6 +11,7 @@ An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg
         checkpoint.pt                   checkpoint(model_dir): the latest (CHECKPOINT)
         checkpoint_epochNNNN.pt         epoch_checkpoint(model_dir, epoch): the kept ones
         model.json                      model_info(model_dir): the model's metadata
+    OUT/train/train.lock                train_lock(out): while a training runs
     OUT/train/history.json              history(out)
     OUT/train/loss_curve.png            loss_curve(out)
     OUT/train/temp/val_epochNNNN.png    val_picture(out, epoch) (``--save_temp``)
@@ -27,7 +28,9 @@ An output folder ``OUT`` (``--out`` of ``istn train``, ``istn test``, ``istn-reg
 
 ``istn register --out OUT`` writes one pair's files (register_file) into OUT, or
 with ``--pairs`` one folder per pair (register_pair_names), ``OUT/metrics.csv``
-(register_metrics) and ``OUT/report.html`` (register_report). A synthetic data set
+(register_metrics) and ``OUT/report.html`` (register_report); a pair's folder is
+written as ``.NAME.istn-new`` (staging_dir) and renamed into place, the one it
+replaces renamed to ``.NAME.istn-old`` (replaced_dir) first. A synthetic data set
 (``istn synth``) lists its pairs in ``ROOT/SPLIT[.KIND].csv`` (dataset_csv) beside
 ``ROOT/config.json`` (dataset_config).
 """
@@ -66,6 +69,11 @@ def epoch_checkpoint(model_dir: Path, epoch: int) -> Path:
 
 def model_info(model_dir: Path) -> Path:
     return Path(model_dir) / MODEL_INFO
+
+
+def train_lock(out: Path) -> Path:
+    """Held by a running training (its PID and host): a second one into OUT is refused."""
+    return train_dir(out) / "train.lock"
 
 
 def history(out: Path) -> Path:
@@ -137,6 +145,18 @@ def register_pair_names(sources: Sequence[str | Path]) -> list[str]:
     The row number keeps pairs with the same source file name apart.
     """
     return [f"{i:04d}_{Path(s).name.split('.')[0]}" for i, s in enumerate(sources)]
+
+
+def staging_dir(folder: Path) -> Path:
+    """``.NAME.istn-new`` beside ``folder``: results being written (istn.io.replace_folder)."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.istn-new"
+
+
+def replaced_dir(folder: Path) -> Path:
+    """``.NAME.istn-old`` beside ``folder``: the previous results while the new ones move in."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.istn-old"
 
 
 def register_metrics(out: Path) -> Path:

@@ -14,14 +14,15 @@ import argparse
 
 from .._version import __version__
 from . import register, tools, train
-from .common import run
+from .common import Parser, run
 
 __all__ = ["main", "main_reg", "main_parser"]
 
 
 def main_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="istn", description="Image-and-Spatial Transformer "
-                                "Networks for structure-guided image registration.")
+    p = Parser(prog="istn", description="Image-and-Spatial Transformer Networks for "
+               "structure-guided image registration. Options take - or _ alike "
+               "(--train_seg or --train-seg).")
     p.add_argument("--version", action="version", version=f"istn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     train.add_parsers(sub)

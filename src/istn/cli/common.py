@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,39 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         "required": True, "help": f"{layout.REGISTER_FILES['affine']} or "
         f"{layout.REGISTER_FILES['field']}"}),
 }
+
+
+def _other_spelling(flag: str) -> str | None:
+    """``--train-seg`` for ``--train_seg`` and back; None for flags without a separator."""
+    if not flag.startswith("--") or not ("_" in flag or "-" in flag[2:]):
+        return None
+    body = flag[2:]
+    return "--" + (body.replace("_", "-") if "_" in body else body.replace("-", "_"))
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options take ``_`` and ``-`` alike (``--train_seg``,
+    ``--train-seg``): the other spelling is accepted, the help shows the first one.
+
+    Subcommands' parsers are of the same class (argparse creates them with ``type(self)``).
+    """
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        others = [o for f in flags if (o := _other_spelling(f)) and o not in flags]
+        action = super().add_argument(*flags, **kwargs)
+        for other in others:  # registered after the fact: the help lists only ``flags``
+            self._option_string_actions[other] = action
+        return action
+
+    def _get_option_tuples(self, option_string: str) -> list[tuple]:
+        # an abbreviation (--save) matching both spellings of one option is not ambiguous
+        seen: set[int] = set()
+        unique = []
+        for match in super()._get_option_tuples(option_string):
+            if id(match[0]) not in seen:
+                seen.add(id(match[0]))
+                unique.append(match)
+        return unique
 
 
 def add_options(parser: argparse.ArgumentParser, *names: str,
@@ -128,6 +163,60 @@ def prepare_out(out: Path, marker: Path, overwrite: bool, resume: bool = False,
             shutil.rmtree(folder, ignore_errors=True)
     distributed.barrier(d)  # nobody writes into a folder rank 0 is still removing
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _holder(lock: Path) -> tuple[int, str] | None:
+    """(PID, host) written in ``lock``; None while it is being written or if unreadable."""
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def take_lock(lock: Path) -> None:
+    """Create ``lock`` (O_CREAT | O_EXCL: one process wins) holding this PID and host.
+
+    A lock whose process no longer runs on this host (a killed training) is taken
+    over with a warning; a live one is refused with one line naming the folder.
+    """
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if holder is not None and holder[1] == host and not _alive(holder[0]):
+                print(f"istn: warning: taking over the stale lock '{lock}' of process "
+                      f"{holder[0]}, which no longer runs", file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+            raise IstnError(f"output folder '{lock.parent}' is in use by another training "
+                            f"({who}, lock file {lock.name}); wait for it to end or use another "
+                            f"--out (if no training runs, delete '{lock}')") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        return
+    raise IstnError(f"cannot take the lock '{lock}': other processes keep taking it; "
+                    "use another --out")
+
+
+def release_lock(lock: Path) -> None:
+    """Remove ``lock`` if this process holds it."""
+    if _holder(lock) == (os.getpid(), socket.gethostname()):
+        lock.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- running

@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import layout
-from ..errors import IstnError
+from ..errors import IstnError, count
 from .common import add_command, add_options, model_dir_name, setup_device
 
 
@@ -58,6 +58,9 @@ def add_parsers(sub) -> None:
     add_options(p, "debug")
 
 
+PAIR_COLUMNS = ("src", "trg", "src_seg", "trg_seg", "src_points", "trg_points")
+
+
 def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
     from ..data import _resolve
 
@@ -71,6 +74,10 @@ def _pairs_from_csv(path: Path) -> tuple[list, list | None, list | None]:
     if not rows or not {"src", "trg"} <= set(rows[0]):
         raise IstnError(f"pairs CSV '{path}' needs a header with columns src,trg "
                         "(optional src_seg,trg_seg,src_points,trg_points)")
+    unknown = [c for c in rows[0] if c not in PAIR_COLUMNS]
+    if unknown:  # a misspelt optional column would otherwise be ignored
+        raise IstnError(f"pairs CSV '{path}' has the unknown column(s) "
+                        f"{','.join(map(str, unknown))}; the columns are {','.join(PAIR_COLUMNS)}")
     get = lambda r, k: _resolve(r[k].strip(), path) if r.get(k) else None  # noqa: E731
     pairs = [(get(r, "src"), get(r, "trg")) for r in rows]
     if any(s is None or t is None for s, t in pairs):
@@ -135,9 +142,9 @@ def cmd_register(args: argparse.Namespace) -> None:
         write_text(_metrics_csv(names, results), layout.register_metrics(out))
         page = layout.register_report(out)
         report.cohort_html(report.pairs_from_register(names, dirs, page), page,
-                           title=f"istn register: {len(pairs)} pairs")
+                           title=f"istn register: {count(len(pairs), 'pair')}")
         procs = f" on {d.world} processes" if d.active else ""
-        print(f"registered {len(pairs)} pairs{procs}; results in '{out}' "
+        print(f"registered {count(len(pairs), 'pair')}{procs}; results in '{out}' "
               f"({layout.register_metrics(out).name}, {page.name})")
     else:
         print(f"registered '{args.source}' to '{args.target}'; results in '{out}'")

@@ -56,8 +56,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = generate(args.out, dim=dim, n_train=n, n_val=args.val, n_test=args.test,
                    size=args.size, seed=args.seed)
-    print(f"wrote {args.dim} synthetic data ({n} train, {args.val} val, {args.test} test "
-          f"pairs) to '{out}' in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.dim} synthetic data (pairs: {n} train, {args.val} val, {args.test} "
+          f"test) to '{out}' in {time.perf_counter() - t0:.1f} s")
 
 
 def _synth_brain(args: argparse.Namespace) -> None:
@@ -69,7 +69,7 @@ def _synth_brain(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = generate_brain(args.out, n_train=n, n_test=args.test, seed=args.seed,
                          nonrigid=args.nonrigid)
-    print(f"wrote brain MRI data ({n} train, {args.test} test pairs"
+    print(f"wrote brain MRI data (pairs: {n} train, {args.test} test"
           f"{', nonrigid' if args.nonrigid else ''}) to '{out}' in "
           f"{time.perf_counter() - t0:.1f} s")
 

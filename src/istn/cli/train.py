@@ -14,33 +14,53 @@ import torch
 
 from .. import layout
 from ..config import LEGACY_DEFAULTS, Config, load_config
-from ..errors import IstnError
+from ..errors import IstnError, count
 from ..spatial import TRANSFORMATIONS
-from .common import add_command, add_options, model_dir_name, prepare_out, say, setup_device
+from .common import (
+    Parser,
+    add_command,
+    add_options,
+    model_dir_name,
+    prepare_out,
+    release_lock,
+    say,
+    setup_device,
+    take_lock,
+)
 
 CONFIG_KEYS = ("epochs", "refine", "learning_rate", "batch_size", "val_interval")
+TEST_KEYS = ("refine", "learning_rate")  # the overrides testing uses (refinement)
 DEFAULT_3D = {"size": [64, 64, 64], "spacing": [2.0, 2.0, 2.0], "batch_size": 2}
 
 
 # ----------------------------------------------------------------------------- parsers
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """The shared options; ``training=False`` (istn test) leaves out what only training uses."""
     p.add_argument("--config", help="config file (JSON or YAML); defaults to the published "
-                   "synthetic 2D values (3D: 64^3 at 2 mm with --mode3d)")
+                   "synthetic 2D values (3D: 64^3 at 2 mm with --mode3d)" if training else
+                   "config file (JSON or YAML) to check the model against; default: the "
+                   "model's own")
     add_options(p, "out")
     p.add_argument("--mode3d", action="store_true", help="3D data (checks the config is 3D)")
-    add_options(p, "seed", "dev", "overwrite", "quiet", "debug", "amp")
+    add_options(p, *(("seed",) if training else ()), "dev", "overwrite", "quiet", "debug", "amp")
     for key, typ in (("epochs", int), ("refine", int), ("learning_rate", float),
                      ("batch_size", int), ("val_interval", int)):
-        p.add_argument(f"--{key}", type=typ, default=None, help=f"override config '{key}'")
+        if training or key in TEST_KEYS:
+            p.add_argument(f"--{key}", type=typ, default=None, help=f"override config '{key}'"
+                           + ("" if training or key == "refine" else
+                              " (refinement's, unless the config sets refine_learning_rate)"))
 
 
 def _add_model_kind(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--transformation", choices=list(TRANSFORMATIONS),
                    default="affine" if required else None,
-                   help="transformation model (default affine)")
+                   help="transformation model (default affine)" if required else
+                   "transformation model to check the model against (default: the model's)")
     p.add_argument("--loss", choices=["u", "s", "e", "i"], default="i" if required else None,
-                   help="strategy: u STN-u, s STN-s, e ISTN-e, i ISTN-i (default i)")
+                   help="strategy: u STN-u, s STN-s, e ISTN-e, i ISTN-i "
+                   + ("(default i)" if required else "to check the model against (default: "
+                      "the model's)"))
 
 
 def _add_train(p: argparse.ArgumentParser, required: bool) -> None:
@@ -76,7 +96,7 @@ def add_parsers(sub) -> None:
     _add_train(t, True)
     e = add_command(sub, "test", cmd_test, "evaluate a trained model (with test-time "
                     "refinement)")
-    _add_common(e)
+    _add_common(e, training=False)
     _add_model_kind(e, False)
     e.add_argument("--model", required=True,
                    help=f"model folder ({model_dir_name()}) or checkpoint")
@@ -85,13 +105,15 @@ def add_parsers(sub) -> None:
 
 def reg_parser() -> argparse.ArgumentParser:
     """The parser of ``istn-reg`` (the published command line)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="istn-reg", description="ISTN registration with the published command line: "
-        "trains when --train is given, then tests when --test is given.")
+        "trains when --train is given, then tests when --test is given. Options take - or _ "
+        "alike (--train_seg or --train-seg).")
     _add_common(p)
     _add_model_kind(p, True)
     p.add_argument("--model", help="model folder or checkpoint to test "
-                   f"(default {model_dir_name()})")
+                   f"(default {model_dir_name()}); with --train it can only be "
+                   f"{model_dir_name()}, where the model is written")
     _add_train(p, False)
     _add_test(p, False)
     return p
@@ -156,18 +178,29 @@ def do_train(args: argparse.Namespace, cfg: Config, device: torch.device) -> Pat
         val_set = load_pairs(cfg, args.val, args.val_seg, args.val_msk,
                              getattr(args, "val_points", None),
                              getattr(args, "val_transforms", None))
-    prepare_out(out, marker, args.overwrite, args.resume,
-                clear=(layout.train_dir(out), layout.tensorboard_dir(out)))
-    if args.resume:
-        say(f"resuming from '{marker}'" if marker.is_file() else
-            f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
-    world = distributed.current().world
-    on = f"{world} processes ({device.type})" if world > 1 else str(device)
-    say(f"training {args.transformation} {args.loss} on {len(train_set)} pairs "
-        f"({cfg.epochs} epochs, batch {cfg.batch_size}) on {on}; output in '{out}'")
-    t0 = time.perf_counter()
-    model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
-                      args.save_temp, progress=not args.quiet)
+    # one training per --out: taken before --overwrite clears anything of a running one
+    lock, main = layout.train_lock(out), distributed.current().main
+    if main:
+        take_lock(lock)
+    try:
+        prepare_out(out, marker, args.overwrite, args.resume,
+                    clear=(layout.train_dir(out), layout.tensorboard_dir(out)))
+        if main and not lock.exists():  # --overwrite removed OUT/train, the lock with it
+            take_lock(lock)
+        if args.resume:
+            say(f"resuming from '{marker}'" if marker.is_file() else
+                f"--resume: no checkpoint in '{marker.parent}' yet; starting at epoch 1")
+        world = distributed.current().world
+        on = f"{world} processes ({device.type})" if world > 1 else str(device)
+        say(f"training {args.transformation} {args.loss} on {count(len(train_set), 'pair')} "
+            f"({count(cfg.epochs, 'epoch')}, batch {cfg.batch_size}) on {on}; output in "
+            f"'{out}'")
+        t0 = time.perf_counter()
+        model_dir = train(model, train_set, val_set, out, device, args.seed, args.resume,
+                          args.save_temp, progress=not args.quiet)
+    finally:
+        if main:
+            release_lock(lock)
     say(f"trained in {time.perf_counter() - t0:.1f} s; model in '{model_dir}'")
     return model_dir
 
@@ -203,7 +236,7 @@ def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
     if summary is not None:
         print(format_table(summary))
         procs = distributed.current().world
-        print(f"tested {summary['pairs']} pairs in {summary['seconds']:.1f} s"
+        print(f"tested {count(summary['pairs'], 'pair')} in {summary['seconds']:.1f} s"
               f"{f' on {procs} processes' if procs > 1 else ''}; results in '{test_dir}'")
     return summary
 
@@ -218,27 +251,41 @@ def cmd_reg(args: argparse.Namespace) -> None:
     device = setup_device(args.dev)
     out = Path(args.out)
     model = args.model
+    if args.train:  # the model tested is the one trained: --model may only name its folder
+        _check_trained_model(model, out)
+        model = None
     test_set = None
     if args.train and args.test:
         # check the test side before training, so that no error waits for the end of training
         prepare_out(out, layout.test_summary(layout.test_dir(out)), args.overwrite,
                     args.resume, create=False)
-        if model is None:
-            from ..data import load_pairs
+        from ..data import load_pairs
 
-            test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
-                                  args.test_points, args.test_transforms, part=_part())
-        else:
-            from ..engine.checkpoint import load_model
-
-            load_model(model, cfg, args.loss, args.transformation)
+        test_set = load_pairs(cfg, args.test, args.test_seg, args.test_msk,
+                              args.test_points, args.test_transforms, part=_part())
     if args.train:
-        model_dir = do_train(args, cfg, device)
-        model = model or str(model_dir)
+        model = str(do_train(args, cfg, device))
     if args.test:
         if model is None:
             model = str(layout.model_dir(out))
         do_test(args, cfg, device, model, test_set)
+
+
+def _check_trained_model(model: str | None, out: Path) -> None:
+    """With --train, --model can only name the folder training writes (the published form).
+
+    Writing the model elsewhere too would leave two copies to keep in step, so another
+    folder is refused.
+    """
+    if model is None:
+        return
+    where = layout.model_dir(out)
+    given = Path(model)
+    if given.name == layout.CHECKPOINT:
+        given = given.parent
+    if given.resolve() != where.resolve():
+        raise IstnError(f"--model '{model}' with --train: the model is written to '{where}' "
+                        "(--out's train/model); give that folder or leave --model out")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -248,10 +295,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_test(args: argparse.Namespace) -> None:
     """Test ``--model``; config overrides apply to the config saved with the model."""
     cfg = build_config(args) if args.config else None
-    if cfg is None and any(getattr(args, k) is not None for k in CONFIG_KEYS):
+    if cfg is None and any(getattr(args, k, None) is not None for k in CONFIG_KEYS):
         from ..engine.checkpoint import read_checkpoint
 
         saved = read_checkpoint(args.model)["meta"]["config"]
         cfg = load_config(None, {**LEGACY_DEFAULTS, **saved,
-                                 **{k: getattr(args, k) for k in CONFIG_KEYS}})
+                                 **{k: v for k in CONFIG_KEYS
+                                    if (v := getattr(args, k, None)) is not None}})
     do_test(args, cfg, setup_device(args.dev), args.model)

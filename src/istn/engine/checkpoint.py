@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from .. import layout
 from ..config import Config, from_dict
 from ..errors import IstnError
-from ..io import atomic_path, write_text
+from ..io import write_atomically, write_text
 from ..losses import STRATEGIES, uses_itn
 from ..spatial import TRANSFORMATIONS, transformation_class
 from .model import NETWORK_KEYS, Model, Scaling
@@ -46,15 +47,14 @@ def save_checkpoint(model: Model, path: Path, optimizer: torch.optim.Optimizer |
         "rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    tmp = atomic_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(path, write)  # a failed write names 'path', not the temporary file
 
 
 def _short(e: BaseException) -> str:
@@ -83,6 +83,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, unsafe globals, truncated files
+        if "Weights only load failed" in str(e):
+            # torch's text advises weights_only=False, i.e. running the code: never quote it
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise IstnError(f"model '{p}' is not a readable istn checkpoint: it is refused "
+                            f"because loading it would run code{what}, which is unsafe; istn "
+                            "checkpoints hold only tensors and plain values: give one written "
+                            "by istn train") from None
         raise IstnError(f"model '{p}' is not a readable istn checkpoint ({_short(e)}); "
                         "it may be corrupt, from another program, or unsafe to load") from None
     meta = state.get("meta") if isinstance(state, dict) else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import count
 from .model import Model
 
 # Epoch from which an STN that gives every probed pair one transformation is a collapse.
@@ -93,8 +94,8 @@ def collapse(model: Model, src: torch.Tensor, trg: torch.Tensor, epoch: int) -> 
     """
     h = probe(model, src, trg)
     if h.dead:
-        return (f"layer(s) {', '.join(h.dead)} output zero for all {h.pairs} probed training "
-                "pairs (dead ReLUs)")
+        return (f"layer(s) {', '.join(h.dead)} output zero for all "
+                f"{count(h.pairs, 'probed training pair')} (dead ReLUs)")
     if epoch >= COLLAPSE_EPOCH and h.same_transformation:
         return (f"the STN gives all {h.pairs} probed training pairs the same "
                 f"transformation (relative spread {h.spread:.1g})")

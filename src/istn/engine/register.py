@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from .. import layout, report
 from ..data import Geometry, load_pair_lists, read_points
 from ..errors import IstnError
 from ..export import export_transform, jacobian_stats, physical_point_map, warp_to_reference
-from ..io import array_to_image, as_image, write_image, write_text, write_transform
+from ..io import array_to_image, as_image, replace_folder, write_image, write_text, write_transform
 from ..metrics import overlap_metrics
 from .evaluate import predict
 from .model import Model
@@ -209,7 +210,9 @@ def register_pairs(model: Model, pairs: list[tuple[Path, Path]], out_dirs: list[
     for i in tqdm(range(len(pairs)), desc="write", disable=not progress or len(pairs) == 1):
         regs[i].metrics = {"source": str(pairs[i][0]), "target": str(pairs[i][1]),
                            **regs[i].metrics}
-        write_registration(regs[i], inputs[i], out_dirs[i])
+        # the pair's whole set of files replaces an earlier run's (no stale files beside it)
+        replace_folder(out_dirs[i], partial(write_registration, regs[i], inputs[i]),
+                       FILES.values())
         results.append(regs[i].metrics)
     return results
 

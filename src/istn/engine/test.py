@@ -14,6 +14,7 @@ import yaml
 
 from .. import layout, report
 from ..data import PairSet
+from ..errors import count
 from ..io import array_to_image, write_image, write_text
 from ..metrics import mean_metrics
 from . import distributed
@@ -83,7 +84,7 @@ def run_test(model: Model, ps: PairSet, out: Path, device: torch.device, refine_
         report.pair_grid(ps, res, layout.test_pairs(folder))
     report.cohort_html(report.pairs_from_test(names, rows, ps, res), layout.test_report(folder),
                        title=f"istn test: {model.strategy} / {model.transformation}, "
-                       f"{len(names)} pairs")
+                       f"{count(len(names), 'pair')}")
     return summary
 
 

@@ -40,6 +40,7 @@ process stops all of them at the same batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -47,6 +48,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ from tqdm.auto import tqdm
 from .. import layout, report
 from ..config import Config
 from ..data import PairSet
-from ..errors import IstnError
+from ..errors import IstnError, count
 from ..io import write_text
 from ..losses import needs_seg
 from ..metrics import mean_metrics
@@ -176,6 +178,15 @@ class _Run:
     def n_batches(self) -> int:
         return math.ceil(len(self.train_set) / self.model.cfg.batch_size)
 
+    @cached_property
+    def data_sha(self) -> str:
+        """sha256 of the training tensors: --resume refuses other data of the same size."""
+        h = hashlib.sha256()
+        for key in ("src", "trg", "src_seg", "trg_seg"):
+            t = getattr(self.train_set, key)
+            h.update(key.encode() + (t.contiguous().numpy().tobytes() if t is not None else b""))
+        return h.hexdigest()
+
 
 @dataclass
 class EpochResult:
@@ -284,7 +295,7 @@ def train(model: Model, train_set: PairSet, val_set: PairSet | None, out: Path,
     if run.stop.signum is not None:  # the request came during the last epoch: training is done
         raise TrainingInterrupted(
             f"stopped by {signal.Signals(run.stop.signum).name} after training all "
-            f"{model.cfg.epochs} epochs; the model is in '{run.model_dir}'",
+            f"{count(model.cfg.epochs, 'epoch')}; the model is in '{run.model_dir}'",
             128 + run.stop.signum)
     return run.model_dir
 
@@ -440,7 +451,8 @@ def _save(run: _Run, state: TrainState, path: Path, done: int,
     if not run.d.main:
         return
     extra: dict[str, Any] = {"history": json.dumps(state.history), "seed": run.seed,
-                             "pairs": len(run.train_set), "attempt": state.attempt,
+                             "pairs": len(run.train_set), "data_sha256": run.data_sha,
+                             "attempt": state.attempt,
                              "restarts": json.dumps(state.restarts)}
     if position is not None:
         extra.update(batch=position.batch, partial={"sums": position.sums,
@@ -468,7 +480,9 @@ def _resume(run: _Run) -> TrainState:
     if extra.get("seed", run.seed) != run.seed:
         diffs.append(f"--seed {extra['seed']} (asked: {run.seed})")
     if extra.get("pairs", len(run.train_set)) != len(run.train_set):
-        diffs.append(f"{extra['pairs']} training pairs (given: {len(run.train_set)})")
+        diffs.append(f"{count(extra['pairs'], 'training pair')} (given: {len(run.train_set)})")
+    elif extra.get("data_sha256", run.data_sha) != run.data_sha:  # absent in older checkpoints
+        diffs.append("other training data (the images or segmentations differ)")
     if diffs:
         raise IstnError(f"--resume: checkpoint '{path}' was trained with {'; '.join(diffs)}; "
                         "resume with the same data, seed and options (only epochs, "
