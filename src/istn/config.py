@@ -59,6 +59,7 @@ class Config:
     max_displacement: float = 0.2
     bspline_zero_init: bool = False
     smoothness: float = 0.0
+    bending: float = 0.0
     # Extensions: SVF model (velocity on the B-spline control grid; scaling and squaring).
     svf_steps: int = 7
     # Extensions: the similarity of the STN losses and of refinement (see istn.similarity).
@@ -189,6 +190,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("refine_learning_rate", "must be > 0 or null")
     if cfg.smoothness < 0:
         raise err("smoothness", "must be >= 0")
+    if cfg.bending < 0:
+        raise err("bending", "must be >= 0")
     for key in ("normalizer_img", "normalizer_seg"):
         if getattr(cfg, key) not in NORMALIZERS:
             raise err(key, f"must be one of {', '.join(NORMALIZERS)}; got '{getattr(cfg, key)}'")

@@ -128,8 +128,8 @@ class Model(nn.Module):
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The strategy's loss of one batch (``src, trg, src_seg, trg_seg``) and its terms.
 
-        With config ``smoothness`` > 0 the transformation's regularisation is added with
-        that weight.
+        With config ``smoothness`` / ``bending`` > 0 the transformation's diffusion /
+        bending-energy penalty is added with that weight.
         """
         s_p, t_p = self.primes(b["src"], b["trg"])
         params = self.params(s_p, t_p)
@@ -139,6 +139,9 @@ class Model(nn.Module):
         if self.cfg.smoothness > 0:
             terms["smoothness"] = self.transform.regularisation(params)
             loss = loss + self.cfg.smoothness * terms["smoothness"]
+        if self.cfg.bending > 0:
+            terms["bending"] = self.transform.bending(params)
+            loss = loss + self.cfg.bending * terms["bending"]
         return loss, terms
 
     def meta(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ path. A model names:
 - ``head(features)``: the STN head, encoder features [B, F] -> parameters [B, ...];
 - ``grid(params)``: the sampling grid [B, *shape, dim] for ``warp``;
 - ``map_points`` / ``inverse_map_points``: ``phi`` and its inverse on points [B, N, dim];
-- ``regularisation(params)``: a smoothness penalty (0 for linear models);
+- ``deformation(params)``: the dense field the regularisers act on (displacement;
+  SVF: velocity), None for linear models; ``regularisation`` is its diffusion and
+  ``bending`` its bending energy (both 0 for linear models);
 - ``linear_matrix(params)``: the normalised sampling matrices [B, dim, dim+1] of a
   linear model (exported as one ITK ``AffineTransform``), None otherwise (exported as a
   displacement field);
@@ -32,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import Registry
+from .penalties import bending, diffusion
 
 TRANSFORMATIONS = Registry("transformation")
 
@@ -68,8 +71,18 @@ class Transformation(nn.Module):
     def inverse_map_points(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def deformation(self, params: torch.Tensor) -> torch.Tensor | None:
+        return None
+
     def regularisation(self, params: torch.Tensor) -> torch.Tensor:
-        return params.new_zeros(())
+        """Diffusion penalty of ``deformation`` (see :mod:`.penalties`)."""
+        field = self.deformation(params)
+        return params.new_zeros(()) if field is None else diffusion(field)
+
+    def bending(self, params: torch.Tensor) -> torch.Tensor:
+        """Bending energy of ``deformation`` (see :mod:`.penalties`)."""
+        field = self.deformation(params)
+        return params.new_zeros(()) if field is None else bending(field)
 
     def linear_matrix(self, params: torch.Tensor) -> torch.Tensor | None:
         return None

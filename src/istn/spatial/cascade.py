@@ -62,8 +62,8 @@ class Cascade(Transformation):
         a, d = self.split(params)
         return self.stages[1].inverse_map_points(d, self.stages[0].inverse_map_points(a, points))
 
-    def regularisation(self, params: torch.Tensor) -> torch.Tensor:
-        return self.stages[1].regularisation(self.split(params)[1])
+    def deformation(self, params: torch.Tensor) -> torch.Tensor | None:
+        return self.stages[1].deformation(self.split(params)[1])
 
     def stage_grid(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The sampling grid of the stages predicted so far (``parts``), for the next stage."""

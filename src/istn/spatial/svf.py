@@ -43,7 +43,7 @@ class SVFModel(Transformation):
 
     ``params`` [B, dim, *control_shape] (normalised units). The STN head is one fully
     connected layer, ``tanh(h) * max_displacement``, zero-initialised (identity at
-    start). ``regularisation`` is the diffusion penalty of the dense velocity.
+    start). The regularisers act on the dense velocity.
     """
 
     options: ClassVar[dict[str, str]] = {
@@ -90,5 +90,6 @@ class SVFModel(Transformation):
         """Source -> target: ``exp(-v)`` at normalised points [B, N, dim]."""
         return self._map(params, points, inverse=True)
 
-    def regularisation(self, params: torch.Tensor) -> torch.Tensor:
-        return self.velocity.regularisation(params)
+    def deformation(self, params: torch.Tensor) -> torch.Tensor:
+        """The dense velocity (regularising ``v`` keeps ``exp(v)`` smooth)."""
+        return self.velocity.displacement(params)
