@@ -72,3 +72,40 @@ def test_cascade_starts_at_the_identity():
     stn = STN("affine+svf", SHAPE)
     grid = stn.grid(stn(torch.rand(1, 2, *SHAPE)))
     assert torch.allclose(grid, identity_grid(SHAPE), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["affine", "bspline", "svf", "affine+bspline", "affine+svf"])
+def test_every_model_round_trips_through_a_checkpoint(tmp_path, name):
+    from istn.config import from_dict
+    from istn.engine.checkpoint import load_model, save_checkpoint
+    from istn.engine.model import Model
+
+    torch.manual_seed(0)
+    model = Model(from_dict({"size": [48, 48]}), "i", name)
+    with torch.no_grad():
+        for p in model.stn.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(model, tmp_path / "checkpoint.pt")
+    loaded, _ = load_model(tmp_path)
+    assert loaded.transformation == name
+    for (k, a), (_, b) in zip(model.stn.state_dict().items(), loaded.stn.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k
+    x = torch.rand(1, 1, 48, 48)
+    assert torch.equal(model.params(x, x), loaded.params(x, x))
+
+
+def test_checkpoints_of_istn_0_1_load_with_their_old_weight_names(tmp_path):
+    from istn.config import from_dict
+    from istn.engine.checkpoint import load_model, save_checkpoint
+    from istn.engine.model import Model
+
+    torch.manual_seed(0)
+    model = Model(from_dict({"size": [48, 48]}), "s", "affine")
+    save_checkpoint(model, tmp_path / "checkpoint.pt")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["stn"] = {k.replace("head.", ""): v for k, v in state["stn"].items()}  # 0.1 names
+    assert "fc.0.weight" in state["stn"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    loaded, _ = load_model(tmp_path)
+    assert torch.equal(loaded.stn.head.fc[0].weight, model.stn.head.fc[0].weight)
