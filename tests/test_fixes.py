@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cli_helpers import user_error
 from istn.cli import main, main_reg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,19 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def data(small_synth2d: Path) -> Path:
     return small_synth2d
-
-
-def user_error(capsys, argv: list[str], *needles: str, reg: bool = False) -> str:
-    """Run the CLI in-process; assert exit 2 and one stderr line containing ``needles``."""
-    code = (main_reg if reg else main)(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("istn: error: ")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def reg_args(data: Path, *extra: str) -> list[str]:

@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import istn.engine.train as train_mod
+from cli_helpers import user_error
 from istn.cli import main, main_reg
 from istn.config import Config, from_dict, load_config
 from istn.data import load_pairs, read_pair_csv
@@ -84,20 +85,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     for ra, rb in zip(json.loads(a["extra"]["history"]), json.loads(b["extra"]["history"]),
                       strict=True):
         assert ra["train_loss"] == rb["train_loss"]
-
-
-def user_error(capsys, argv: list[str], *needles: str, reg: bool = False) -> str:
-    """Run the CLI in-process; assert exit 2 and one stderr line containing ``needles``."""
-    code = (main_reg if reg else main)(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    assert lines[0].startswith("istn: error: ")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def write(path: Path, text: str) -> Path:
