@@ -177,3 +177,27 @@ def test_affine_inverse_map_points_roundtrip():
     idx = torch.tensor([[[3.0, 17.0]]], dtype=torch.float64)
     m = model.map_points(theta, index_to_normalised(idx, shape))
     assert torch.allclose(m[0, 0], model.grid(theta)[0, 17, 3])
+
+
+@pytest.mark.parametrize("shape", [(40, 52), (36, 44, 40)])
+def test_physical_translation_bound_is_the_same_number_of_mm_on_every_axis(shape):
+    """``max_translation_mm``: a saturated head translates by exactly that many mm per axis."""
+    from istn.config import load_config
+    from istn.engine.model import Model
+
+    size = list(shape[::-1])  # x, y[, z]
+    spacing = [1.5, 2.0, 3.0][: len(shape)]
+    cfg = load_config(None, {"size": size, "spacing": spacing, "max_translation_mm": 12.0})
+    model = Model.build(cfg, "u", "affine")
+    head = model.stn.head
+    with torch.no_grad():
+        head.translation.bias.fill_(50.0)  # tanh -> 1: the bound itself
+    theta = model.params(torch.zeros(1, 1, *shape), torch.zeros(1, 1, *shape)).detach()
+    half = (torch.tensor(size, dtype=torch.float32) - 1) / 2 * torch.tensor(spacing)
+    np.testing.assert_allclose((theta[0, :, -1] * half).numpy(), 12.0, rtol=1e-5)
+    # unset: the published normalised bound, the same number on every axis
+    plain = Model.build(load_config(None, {"size": size, "spacing": spacing}), "u", "affine")
+    with torch.no_grad():
+        plain.stn.head.translation.bias.fill_(50.0)
+    theta = plain.params(torch.zeros(1, 1, *shape), torch.zeros(1, 1, *shape)).detach()
+    np.testing.assert_allclose(theta[0, :, -1].numpy(), cfg.max_translation, rtol=1e-5)

@@ -22,7 +22,7 @@ from .spatial import transformation_class
 
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
 REFINE_MODES = ("weights", "params")
-REFINE_INPUTS = ("primes", "images")
+REFINE_INPUTS = ("primes", "images", "local")
 NETWORK_SCALINGS = ("auto", "none")
 GRID_ORIENTATIONS = ("world", "image")
 GRID_CENTRES = ("image", "mass")
@@ -51,6 +51,8 @@ class Config:
     spacing: list[float] = field(default_factory=lambda: [1.0, 1.0])
     # Extensions: affine bounds (normalised units / radians / log-scale).
     max_translation: float = 0.1
+    # Extension: the translation bound in physical units (mm per axis; null: max_translation).
+    max_translation_mm: float | None = None
     max_rotation: float = math.pi / 4
     max_scaling: float = 0.2
     max_shearing: float = math.pi / 4
@@ -69,12 +71,15 @@ class Config:
     refine_mode: str = "weights"
     refine_learning_rate: float | None = None
     refine_batch: int = 0
-    # Extensions: what refinement compares ('primes': S', T' as published; 'images'), its
-    # similarity (null: 'similarity') and an early stop (relative loss decrease over 10
-    # iterations below which every pair counts as converged; 0: off).
+    # Extensions: what refinement compares ('primes': S', T' as published; 'images';
+    # 'local': the images standardised in local windows), its similarity (null:
+    # 'similarity'), an early stop (relative loss decrease over 10 iterations below which
+    # every pair counts as converged; 0: off) and the voxels it compares (0: all; N: N
+    # voxels per pair drawn once, where the target has structure).
     refine_inputs: str = "primes"
     refine_similarity: str | None = None
     refine_tolerance: float = 0.0
+    refine_samples: int = 0
     # Extensions: training robustness. 'auto': the networks see intensities standardised
     # by the training set's mean and standard deviation (the ITN's output is mapped back
     # to SoI units, so losses and metrics keep the data's units); 'none': raw values, as
@@ -205,6 +210,14 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("refine_inputs", f"must be one of {', '.join(REFINE_INPUTS)}")
     if cfg.refine_tolerance < 0:
         raise err("refine_tolerance", "must be >= 0 (0: no early stop)")
+    if cfg.max_translation_mm is not None and not cfg.max_translation_mm > 0:
+        raise err("max_translation_mm", "must be > 0 (mm per axis) or null")
+    if cfg.refine_samples < 0:
+        raise err("refine_samples", "must be >= 0 (0: every voxel of the network grid)")
+    if cfg.refine_samples and (cfg.refine_similarity or cfg.similarity) == "lncc":
+        raise err("refine_samples", "needs a similarity of single voxels (mse, mi): LNCC "
+                  "compares windows of the whole grid; use refine_inputs 'local' with mse "
+                  "(local standardisation, then squared differences) or refine_samples 0")
     if cfg.refine_mode not in REFINE_MODES:
         raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}")
     if len(cfg.size) not in (2, 3):

@@ -69,15 +69,23 @@ class MSE(Similarity):
         return super().mean(warped, target, mask)
 
 
-def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over the voxels of a cubic window of ``window`` voxels per axis (same size).
 
     At the borders the window is cut to the image (padding is not counted), so local
-    statistics there are those of the voxels that exist.
+    statistics there are those of the voxels that exist. The cubic mean is computed as
+    one 1-D mean per axis: a box is separable, and so is the count of its voxels inside
+    the image, so this equals the direct cubic mean (``window`` operations per voxel
+    and axis instead of ``window ** dim``).
     """
     dim = x.dim() - 2
     pool = (F.avg_pool2d, F.avg_pool3d)[dim - 2]
-    return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+    for axis in range(dim):
+        kernel = [1] * dim
+        kernel[axis] = window
+        pad = [k // 2 for k in kernel]
+        x = pool(x, kernel, stride=1, padding=pad, count_include_pad=False)
+    return x
 
 
 @register_similarity("lncc")
@@ -96,11 +104,14 @@ class LNCC(Similarity):
         self.window, self.eps = window, eps
 
     def per_pair(self, warped, target, mask=None):
-        w = self.window
-        mi, mj = _box_mean(warped, w), _box_mean(target, w)
-        cov = _box_mean(warped * target, w) - mi * mj
-        var_i = (_box_mean(warped * warped, w) - mi * mi).clamp_min(0)
-        var_j = (_box_mean(target * target, w) - mj * mj).clamp_min(0)
+        # the five local means in one filtering pass (channels stacked)
+        c = warped.shape[1]
+        stats = torch.cat([warped, target, warped * warped, target * target,
+                           warped * target], 1)
+        mi, mj, mii, mjj, mij = box_mean(stats, self.window).split(c, 1)
+        cov = mij - mi * mj
+        var_i = (mii - mi * mi).clamp_min(0)
+        var_j = (mjj - mj * mj).clamp_min(0)
         cc = cov * cov / (var_i * var_j + self.eps)
         return 1.0 - _masked_mean(cc, mask)
 

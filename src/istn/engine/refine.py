@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from ..config import Config
 from ..losses import refinement_loss
-from ..similarity import Similarity, new_similarity
+from ..similarity import Similarity, box_mean, new_similarity
+from ..spatial.grid import ALIGN_CORNERS
 from .model import Model
 from .per_pair import per_pair_stn
 
@@ -49,6 +51,7 @@ class RefineSettings:
     similarity: str = "mse"
     inputs: str = "primes"
     tolerance: float = 0.0
+    samples: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config, iterations: int | None = None) -> RefineSettings:
@@ -56,7 +59,7 @@ class RefineSettings:
         return cls(cfg.refine if iterations is None else iterations,
                    cfg.refine_learning_rate or cfg.learning_rate, cfg.refine_mode,
                    cfg.refine_batch, cfg.refine_similarity or cfg.similarity,
-                   cfg.refine_inputs, cfg.refine_tolerance)
+                   cfg.refine_inputs, cfg.refine_tolerance, cfg.refine_samples)
 
 
 # Iterations over which the stopping rule measures each pair's progress.
@@ -71,8 +74,8 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
     ``images`` (source, target) are what the loss compares when ``settings.inputs`` is
     'images'; S', T' otherwise.
     """
-    if settings.inputs == "images" and images is None:
-        raise ValueError("refinement on 'images' needs the images")
+    if settings.inputs != "primes" and images is None:
+        raise ValueError(f"refinement on '{settings.inputs}' needs the images")
     sim = new_similarity(settings.similarity)
     # Adam drives many weight updates towards zero; denormal floats then make CPU
     # arithmetic ~10x slower, so flush them (no effect on the results that matter).
@@ -90,9 +93,15 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
             part = slice(i, i + chunk)
             s_p, t_p = src_prime[part].detach(), trg_prime[part].detach()
             s_l, t_l = ((images[0][part].detach(), images[1][part].detach())
-                        if settings.inputs == "images" else (s_p, t_p))
+                        if settings.inputs != "primes" else (s_p, t_p))
+            if settings.inputs == "local":
+                s_l, t_l = local_standardise(s_l), local_standardise(t_l)
             params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
-            loss = partial(_pair_losses, model, s_l, t_l, sim)
+            if settings.samples:
+                points, values = sample_voxels(t_l, settings.samples, seed=i)
+                loss = partial(_sampled_losses, model, s_l, points, values, sim)
+            else:
+                loss = partial(_pair_losses, model, s_l, t_l, sim)
             _optimise(params_now, opt, loss, settings, bar)
             with torch.no_grad():
                 out.append(params_now().detach())
@@ -107,6 +116,60 @@ def _pair_losses(model: Model, src: torch.Tensor, trg: torch.Tensor, sim: Simila
                  params: torch.Tensor) -> torch.Tensor:
     """``D(W(src), trg)`` of every pair under ``params`` [B]."""
     return refinement_loss(model.stn.grid(params), src, trg, sim)
+
+
+# Window (voxels per axis) of the local standardisation of refine_inputs 'local'.
+LOCAL_WINDOW = 9
+
+
+def local_standardise(x: torch.Tensor, window: int = LOCAL_WINDOW,
+                      floor: float = 0.1) -> torch.Tensor:
+    """``(x - mean_w(x)) / max(std_w(x), floor * std(x))`` per image and channel.
+
+    ``mean_w`` / ``std_w`` are over cubic windows of ``window`` voxels (cut at the
+    borders). Squared differences of standardised images behave like 1 - LNCC (both
+    ignore smooth gain and offset changes such as bias fields) but cost one filtering
+    before refinement instead of one per iteration; the floor keeps flat regions
+    (background) from amplifying noise.
+    """
+    mean = box_mean(x, window)
+    std = (box_mean(x * x, window) - mean * mean).clamp_min(0).sqrt()
+    glob = x.flatten(2).std(2).view(*x.shape[:2], *[1] * (x.dim() - 2))
+    return (x - mean) / torch.maximum(std, floor * glob).clamp_min(1e-12)
+
+
+def sample_voxels(target: torch.Tensor, n: int, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` voxels per pair where the target has structure, and the target's values there.
+
+    Voxels are drawn (with replacement, from a generator seeded by ``seed``, so results
+    are reproducible) with probability proportional to the target's local standard
+    deviation summed over channels (flat background is never drawn). Returns normalised
+    points [B, n, dim] (x, y[, z]; ``align_corners=True``) and the values [B, C, n].
+    """
+    b, c, *shape = target.shape
+    dim = len(shape)
+    std = (box_mean(target * target, 3) - box_mean(target, 3) ** 2).clamp_min(0).sqrt()
+    weights = std.sum(1).flatten(1)
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.multinomial(weights.cpu(), n, replacement=True, generator=gen).to(target.device)
+    values = target.flatten(2).gather(2, idx[:, None, :].expand(b, c, n))
+    coords = []
+    for size in reversed(shape):  # x first: the fastest axis of the flat index
+        coords.append((idx % size).to(target.dtype) * (2.0 / max(size - 1, 1)) - 1.0)
+        idx = torch.div(idx, size, rounding_mode="floor")
+    return torch.stack(coords[:dim], -1), values
+
+
+def _sampled_losses(model: Model, src: torch.Tensor, points: torch.Tensor,
+                    values: torch.Tensor, sim: Similarity, params: torch.Tensor
+                    ) -> torch.Tensor:
+    """``D(S(phi(x)), T(x))`` over the sampled target voxels ``x`` of every pair [B]."""
+    mapped = model.stn.transform.map_points(params, points)
+    where = mapped.view(mapped.shape[0], -1, *[1] * (src.dim() - 3), mapped.shape[-1])
+    warped = F.grid_sample(src, where, align_corners=ALIGN_CORNERS)
+    return sim.per_pair(warped.flatten(2), values)
 
 
 def _optimise(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,

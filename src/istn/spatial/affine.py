@@ -89,18 +89,29 @@ class AffineModel(Transformation):
     (identity at start): translation ``tanh(h) * max_translation`` (normalised units),
     rotation ``tanh(h) * max_rotation`` (3D: Rz Rx Rz), scaling
     ``exp(tanh(h) * max_scaling)``, shearing ``tanh(h) * max_shearing`` used as a
-    rotation Sh; matrix Sh·Scale·Shᵀ·Rot·Trans.
+    rotation Sh; matrix Sh·Scale·Shᵀ·Rot·Trans. ``max_translation_mm`` (with the grid's
+    ``spacing``) bounds the translation in physical units instead: ``max_translation_mm``
+    along every axis, i.e. ``max_translation_mm / ((n - 1) / 2 · spacing)`` normalised
+    units along an axis of ``n`` voxels.
     """
 
     options: ClassVar[dict[str, str]] = {
         "max_translation": "max_translation", "max_rotation": "max_rotation",
-        "max_scaling": "max_scaling", "max_shearing": "max_shearing"}
+        "max_scaling": "max_scaling", "max_shearing": "max_shearing",
+        "max_translation_mm": "max_translation_mm", "spacing": "spacing"}
 
     def __init__(self, shape: Sequence[int], max_translation: float = 0.1,
                  max_rotation: float = math.pi / 4, max_scaling: float = 0.2,
-                 max_shearing: float = math.pi / 4):
+                 max_shearing: float = math.pi / 4, max_translation_mm: float | None = None,
+                 spacing: Sequence[float] | None = None):
         super().__init__(shape)
-        self.bounds = (max_translation, max_rotation, max_scaling, max_shearing)
+        translation: float | tuple[float, ...] = max_translation
+        if max_translation_mm is not None:
+            spacing = spacing if spacing is not None else [1.0] * self.dim
+            sizes = self.shape[::-1]  # x, y[, z]
+            translation = tuple(max_translation_mm / ((n - 1) / 2 * s)
+                                for n, s in zip(sizes, spacing, strict=True))
+        self.bounds = (translation, max_rotation, max_scaling, max_shearing)
 
     @property
     def params_shape(self) -> tuple[int, ...]:
@@ -135,7 +146,7 @@ class AffineModel(Transformation):
 class AffineHead(nn.Module):
     """Encoder features [B, F] -> sampling matrices [B, dim, dim+1] (see ``AffineModel``)."""
 
-    def __init__(self, features: int, dim: int, bounds: tuple[float, float, float, float]):
+    def __init__(self, features: int, dim: int, bounds: tuple):
         super().__init__()
         self.dim = dim
         self.fc = nn.Sequential(nn.Linear(features, 32), nn.ReLU())
@@ -147,11 +158,16 @@ class AffineHead(nn.Module):
         for head in (self.translation, self.rotation, self.scaling, self.shearing):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        self.bounds = bounds
+        self.bounds = bounds[1:]
+        # the translation bound: one number, or one per axis (x, y[, z]; physical bounds)
+        self.register_buffer("translation_bound", torch.as_tensor(bounds[0],
+                                                                  dtype=torch.float32),
+                             persistent=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         h = self.fc(features)
-        bt, br, bs, bsh = self.bounds
+        br, bs, bsh = self.bounds
+        bt = self.translation_bound
         a = affine_matrix(
             torch.tanh(self.translation(h)) * bt,
             torch.tanh(self.rotation(h)) * br,

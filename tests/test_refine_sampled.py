@@ -1,0 +1,117 @@
+"""Refinement on sampled voxels and on locally standardised images.
+
+``sample_voxels`` is checked against ``grid_sample`` at its own points, the sampled
+loss against the dense loss on the same voxels, ``local_standardise`` against a direct
+window computation (scipy), and refinement with samples must recover a known 3D
+translation as the dense refinement does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from istn.config import load_config
+from istn.engine.model import Model
+from istn.engine.refine import (
+    RefineSettings,
+    _sampled_losses,
+    local_standardise,
+    refine,
+    sample_voxels,
+)
+from istn.errors import IstnError
+from istn.similarity import new_similarity
+
+
+def _blobs(shape: list[int], shift: tuple[float, ...] = (0.0, 0.0, 0.0)) -> torch.Tensor:
+    """A smooth asymmetric pattern [1, 1, *shape], moved by ``shift`` voxels (x, y, z)."""
+    axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape],
+                          indexing="ij")
+    zyx = list(axes)
+    out = torch.zeros(shape)
+    for centre, r, a in [((0.35, 0.4, 0.45), 5.0, 1.0), ((0.6, 0.55, 0.5), 4.0, 0.7),
+                         ((0.5, 0.7, 0.3), 3.0, 0.5)]:
+        d2 = sum((zyx[k] - (c * shape[k] + shift[len(shape) - 1 - k])) ** 2
+                 for k, c in enumerate(centre))
+        out = out + a * torch.exp(-d2 / (2 * r * r))
+    return out[None, None]
+
+
+@pytest.mark.parametrize("shape", [[20, 24], [12, 16, 20]])
+def test_sampled_values_are_the_target_at_the_sampled_points(shape):
+    target = torch.rand(2, 3, *shape)
+    points, values = sample_voxels(target, 50, seed=3)
+    assert points.shape == (2, 50, len(shape)) and values.shape == (2, 3, 50)
+    where = points.view(2, 50, *[1] * (len(shape) - 1), len(shape))
+    again = F.grid_sample(target, where, align_corners=True).flatten(2)
+    torch.testing.assert_close(again, values, atol=1e-5, rtol=0)
+    # reproducible: the same seed draws the same voxels
+    torch.testing.assert_close(sample_voxels(target, 50, seed=3)[0], points)
+
+
+def test_flat_background_is_never_sampled():
+    target = torch.zeros(1, 1, 16, 16, 16)
+    target[..., 4:8, 4:8, 4:8] = 1.0  # structure only near this cube
+    points, _ = sample_voxels(target, 400, seed=0)
+    vox = (points[0] + 1) / 2 * 15  # x, y, z voxel indices
+    assert bool(((vox >= 2) & (vox <= 9)).all())  # within 1 voxel of the cube's edges
+
+
+def test_sampled_loss_equals_the_dense_loss_on_the_same_voxels():
+    torch.manual_seed(0)
+    cfg = load_config(None, {"size": [44, 40, 36], "spacing": [1.0] * 3})
+    model = Model.build(cfg, "i", "affine")
+    src, trg = torch.rand(2, 1, 36, 40, 44), torch.rand(2, 1, 36, 40, 44)
+    theta = torch.eye(3, 4).repeat(2, 1, 1)
+    theta[:, :, 3] = torch.tensor([0.1, -0.05, 0.02])
+    points, values = sample_voxels(trg, 300, seed=1)
+    got = _sampled_losses(model, src, points, values, new_similarity("mse"), theta)
+    dense = F.grid_sample(src, model.stn.grid(theta), align_corners=True)
+    where = points.view(2, 300, 1, 1, 3)
+    expect = ((F.grid_sample(dense - trg, where, align_corners=True)) ** 2).flatten(1).mean(1)
+    # the dense warp sampled at voxel centres is the warp at those voxels
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-4)
+
+
+def test_local_standardise_matches_a_direct_window_computation_and_ignores_gain():
+    rng = np.random.default_rng(0)
+    x = rng.random((10, 12, 14)).astype(np.float64)
+    got = local_standardise(torch.from_numpy(x)[None, None], window=5, floor=0.0)[0, 0]
+    # windows cut at the borders: nan padding dropped
+    mean = ndimage.generic_filter(x, np.nanmean, size=5, mode="constant", cval=np.nan)
+    std = ndimage.generic_filter(x, np.nanstd, size=5, mode="constant", cval=np.nan)
+    np.testing.assert_allclose(got.numpy(), (x - mean) / std, atol=1e-6)
+    y = torch.from_numpy(3.0 * x + 7.0)[None, None]
+    torch.testing.assert_close(local_standardise(y, 5), local_standardise(
+        torch.from_numpy(x)[None, None], 5), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("inputs", ["images", "local"])
+def test_sampled_refinement_recovers_a_known_3d_translation(inputs):
+    torch.manual_seed(0)
+    shape = [36, 36, 36]
+    cfg = load_config(None, {"size": shape, "spacing": [1.0] * 3})
+    model = Model.build(cfg, "i", "affine")
+    model.train(False)
+    shift = (2.0, -1.5, 1.0)  # voxels, x y z: the source holds the pattern moved by this
+    trg, src = _blobs(shape), _blobs(shape, shift)
+    if inputs == "local":
+        src = 0.5 + 2.0 * src  # a gain and an offset that only 'local' ignores
+    settings = RefineSettings(300, 0.01, "params", inputs=inputs, samples=3000)
+    zero = torch.zeros_like(trg)  # the network's inputs (S', T') play no part here
+    with torch.no_grad():
+        start = model.params(zero, zero)
+    theta = refine(model, zero, zero, settings, progress=False, images=(src, trg))
+    assert not torch.equal(theta, start)
+    # theta's translation column in normalised units -> voxels: x * (n - 1) / 2
+    got = theta[0, :, 3] * (torch.tensor(shape, dtype=torch.float32) - 1) / 2
+    np.testing.assert_allclose(got.numpy(), shift, atol=0.3)
+
+
+def test_samples_with_lncc_are_refused_naming_the_key():
+    with pytest.raises(IstnError, match="refine_samples"):
+        load_config(None, {"refine_samples": 100, "refine_similarity": "lncc"})
