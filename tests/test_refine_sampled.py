@@ -115,3 +115,47 @@ def test_sampled_refinement_recovers_a_known_3d_translation(inputs):
 def test_samples_with_lncc_are_refused_naming_the_key():
     with pytest.raises(IstnError, match="refine_samples"):
         load_config(None, {"refine_samples": 100, "refine_similarity": "lncc"})
+
+
+def test_gaussian_blur_matches_scipy_inside_and_keeps_constants_at_the_borders():
+    from istn.engine.refine import gaussian_blur
+
+    rng = np.random.default_rng(1)
+    x = rng.random((18, 20, 22))
+    got = gaussian_blur(torch.from_numpy(x)[None, None], 1.5)[0, 0].numpy()
+    ref = ndimage.gaussian_filter(x, 1.5, truncate=3.0, mode="constant")
+    inner = (slice(5, -5),) * 3  # beyond the kernel's reach of the borders
+    np.testing.assert_allclose(got[inner], ref[inner], atol=1e-4)
+    ones = gaussian_blur(torch.ones(1, 1, 10, 12), 2.0)
+    torch.testing.assert_close(ones, torch.ones_like(ones))
+
+
+def test_level_schedule():
+    from istn.engine.refine import level_schedule
+
+    assert level_schedule(1, 50) == ([0.0], [50])
+    assert level_schedule(3, 100) == ([4.0, 2.0, 0.0], [33, 33, 34])
+
+
+def test_coarse_levels_capture_a_shift_that_one_level_misses():
+    """Discs 9 voxels apart do not overlap (no gradient); blurring first makes them touch."""
+    torch.manual_seed(0)
+    shape = [40, 40]
+    cfg = load_config(None, {"size": shape, "spacing": [1.0, 1.0]})
+    model = Model.build(cfg, "i", "affine")
+    model.train(False)
+    axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape],
+                          indexing="ij")
+
+    def disc(cx: float, cy: float) -> torch.Tensor:
+        d = ((axes[1] - cx) ** 2 + (axes[0] - cy) ** 2).sqrt()
+        return torch.sigmoid((3.0 - d) / 0.3)[None, None]
+
+    trg, src = disc(16.0, 20.0), disc(25.0, 20.0)  # the source is 9 voxels further in x
+    zero = torch.zeros_like(trg)
+    errors = {}
+    for levels in (1, 3):
+        settings = RefineSettings(300, 0.01, "params", inputs="images", levels=levels)
+        theta = refine(model, zero, zero, settings, progress=False, images=(src, trg))
+        errors[levels] = abs(float(theta[0, 0, 2]) * (shape[1] - 1) / 2 - 9.0)
+    assert errors[3] < 0.3 < errors[1], errors

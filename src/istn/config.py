@@ -80,6 +80,8 @@ class Config:
     refine_similarity: str | None = None
     refine_tolerance: float = 0.0
     refine_samples: int = 0
+    # Extension: coarse-to-fine refinement levels (Gaussian blur 2^(L-1-k) voxels, then none).
+    refine_levels: int = 1
     # Extensions: training robustness. 'auto': the networks see intensities standardised
     # by the training set's mean and standard deviation (the ITN's output is mapped back
     # to SoI units, so losses and metrics keep the data's units); 'none': raw values, as
@@ -212,6 +214,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("refine_tolerance", "must be >= 0 (0: no early stop)")
     if cfg.max_translation_mm is not None and not cfg.max_translation_mm > 0:
         raise err("max_translation_mm", "must be > 0 (mm per axis) or null")
+    if cfg.refine_levels < 1:
+        raise err("refine_levels", "must be >= 1 (1: no coarse levels)")
     if cfg.refine_samples < 0:
         raise err("refine_samples", "must be >= 0 (0: every voxel of the network grid)")
     if cfg.refine_samples and (cfg.refine_similarity or cfg.similarity) == "lncc":

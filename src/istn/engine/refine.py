@@ -52,6 +52,7 @@ class RefineSettings:
     inputs: str = "primes"
     tolerance: float = 0.0
     samples: int = 0
+    levels: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config, iterations: int | None = None) -> RefineSettings:
@@ -59,7 +60,8 @@ class RefineSettings:
         return cls(cfg.refine if iterations is None else iterations,
                    cfg.refine_learning_rate or cfg.learning_rate, cfg.refine_mode,
                    cfg.refine_batch, cfg.refine_similarity or cfg.similarity,
-                   cfg.refine_inputs, cfg.refine_tolerance, cfg.refine_samples)
+                   cfg.refine_inputs, cfg.refine_tolerance, cfg.refine_samples,
+                   cfg.refine_levels)
 
 
 # Iterations over which the stopping rule measures each pair's progress.
@@ -97,12 +99,15 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
             if settings.inputs == "local":
                 s_l, t_l = local_standardise(s_l), local_standardise(t_l)
             params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
-            if settings.samples:
-                points, values = sample_voxels(t_l, settings.samples, seed=i)
-                loss = partial(_sampled_losses, model, s_l, points, values, sim)
-            else:
-                loss = partial(_pair_losses, model, s_l, t_l, sim)
-            _optimise(params_now, opt, loss, settings, bar)
+            for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
+                                    strict=True):
+                s_k, t_k = gaussian_blur(s_l, sigma), gaussian_blur(t_l, sigma)
+                if settings.samples:
+                    points, values = sample_voxels(t_k, settings.samples, seed=i)
+                    loss = partial(_sampled_losses, model, s_k, points, values, sim)
+                else:
+                    loss = partial(_pair_losses, model, s_k, t_k, sim)
+                _optimise(params_now, opt, loss, steps, settings.tolerance, bar)
             with torch.no_grad():
                 out.append(params_now().detach())
     finally:
@@ -172,25 +177,65 @@ def _sampled_losses(model: Model, src: torch.Tensor, points: torch.Tensor,
     return sim.per_pair(warped.flatten(2), values)
 
 
+def level_schedule(levels: int, iterations: int) -> tuple[list[float], list[int]]:
+    """Blur (Gaussian sigma, voxels) and iterations of each refinement level, coarse first.
+
+    Level k of L blurs with sigma ``2 ** (L - 1 - k)`` voxels, except the last, which
+    compares the images as they are (sigma 0): L = 3 gives 4, 2, 0 voxels. The
+    iterations are split evenly, the remainder going to the last level.
+    """
+    sigmas = [float(2 ** (levels - 1 - k)) for k in range(levels - 1)] + [0.0]
+    steps = [iterations // levels] * levels
+    steps[-1] += iterations - sum(steps)
+    return sigmas, steps
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``x`` [B, C, *spatial] (sigma in voxels; 0: x).
+
+    The kernel reaches 3 sigma; near the borders it is renormalised over the voxels
+    inside the image (no darkening from the zero padding).
+    """
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    b, c, *shape = x.shape
+    dim = len(shape)
+    conv = (F.conv2d, F.conv3d)[dim - 2]
+    out = x.reshape(b * c, 1, *shape)
+    norm = torch.ones_like(out[:1])
+    for axis in range(dim):
+        view = [1] * dim
+        view[axis] = len(kernel)
+        pad = [0] * dim
+        pad[axis] = radius
+        w = kernel.view(1, 1, *view)
+        out, norm = conv(out, w, padding=pad), conv(norm, w, padding=pad)
+    return (out / norm).view(b, c, *shape)
+
+
 def _optimise(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
-              loss: Callable[[torch.Tensor], torch.Tensor], settings: RefineSettings,
-              bar) -> int:
+              loss: Callable[[torch.Tensor], torch.Tensor], iterations: int,
+              tolerance: float, bar) -> int:
     """Adam steps on the per-pair losses (summed) until done; the number of steps taken."""
     past: list[torch.Tensor] = []
-    for it in range(settings.iterations):
+    for it in range(iterations):
         opt.zero_grad(set_to_none=True)
         per_pair = loss(params_now())
         per_pair.sum().backward()
         opt.step()
         bar.update()
-        if settings.tolerance > 0:
+        if tolerance > 0:
             past.append(per_pair.detach())
             if len(past) > PATIENCE:
                 before = past.pop(0)
-                if bool(((before - past[-1]) <= settings.tolerance * before.abs()).all()):
-                    bar.update(settings.iterations - it - 1)
+                if bool(((before - past[-1]) <= tolerance * before.abs()).all()):
+                    bar.update(iterations - it - 1)
                     return it + 1
-    return settings.iterations
+    return iterations
 
 
 def _setup_params(model, s_p, t_p, lr):
