@@ -82,6 +82,9 @@ class Config:
     refine_samples: int = 0
     # Extension: coarse-to-fine refinement levels (Gaussian blur 2^(L-1-k) voxels, then none).
     refine_levels: int = 1
+    # Extension: training pairs: 'listed' (the CSV's pairs, as published) or 'random'
+    # (each epoch, as many random pairs of the distinct training images as are listed).
+    train_pairing: str = "listed"
     # Extensions: training robustness. 'auto': the networks see intensities standardised
     # by the training set's mean and standard deviation (the ITN's output is mapped back
     # to SoI units, so losses and metrics keep the data's units); 'none': raw values, as
@@ -214,6 +217,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("refine_tolerance", "must be >= 0 (0: no early stop)")
     if cfg.max_translation_mm is not None and not cfg.max_translation_mm > 0:
         raise err("max_translation_mm", "must be > 0 (mm per axis) or null")
+    if cfg.train_pairing not in ("listed", "random"):
+        raise err("train_pairing", "must be one of listed, random")
     if cfg.refine_levels < 1:
         raise err("refine_levels", "must be >= 1 (1: no coarse levels)")
     if cfg.refine_samples < 0:

@@ -180,6 +180,21 @@ class _Run:
         return math.ceil(len(self.train_set) / self.model.cfg.batch_size)
 
     @cached_property
+    def pool(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The distinct training images (and their SoI) of random pairing: [M, 1, *shape].
+
+        An image listed as a source of one pair and a target of another counts once.
+        """
+        ps = self.train_set
+        images = torch.cat([ps.src, ps.trg])
+        segs = torch.cat([ps.src_seg, ps.trg_seg]) if ps.src_seg is not None else None
+        seen: dict[bytes, int] = {}
+        keep = [seen.setdefault(hashlib.sha256(img.numpy().tobytes()).digest(), i)
+                for i, img in enumerate(images)]
+        idx = torch.tensor(sorted(set(keep)))
+        return images[idx], segs[idx] if segs is not None else None
+
+    @cached_property
     def data_sha(self) -> str:
         """sha256 of the training tensors: --resume refuses other data of the same size."""
         h = hashlib.sha256()
@@ -255,6 +270,25 @@ def epoch_order(n: int, run_seed: int, epoch: int) -> torch.Tensor:
     """The shuffled pair order of ``epoch``: a function of (seed, epoch) only, for resuming."""
     gen = torch.Generator().manual_seed(run_seed * 100_003 + epoch)
     return torch.randperm(n, generator=gen)
+
+
+def random_pairs(m: int, n: int, run_seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (source, target) index pairs into ``m`` images for ``epoch``, never an image
+    with itself; a function of (seed, epoch) only, as ``epoch_order``."""
+    gen = torch.Generator().manual_seed(run_seed * 100_003 + epoch + 7_919)
+    a = torch.randint(m, (n,), generator=gen)
+    b = (a + torch.randint(1, max(m, 2), (n,), generator=gen)) % m
+    return a, b
+
+
+def _pool_batch(pool: tuple[torch.Tensor, torch.Tensor | None], a: torch.Tensor,
+                b: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """A batch of random pairs: sources ``pool[a]``, targets ``pool[b]``."""
+    images, segs = pool
+    def get(t, i):
+        return t[i].to(device, non_blocking=True) if t is not None else None
+    return {"src": get(images, a), "trg": get(images, b), "src_seg": get(segs, a),
+            "trg_seg": get(segs, b)}
 
 
 @torch.no_grad()
@@ -355,14 +389,17 @@ def run_epoch(run: _Run, state: TrainState) -> EpochResult:
     """
     model, d, bs, n_batches = run.model, run.d, run.model.cfg.batch_size, run.n_batches
     model.train(True)
-    order = epoch_order(len(run.train_set), run.seed + state.attempt * RESTART_SEED_STEP,
-                        state.epoch)
+    run_seed = run.seed + state.attempt * RESTART_SEED_STEP
+    order = epoch_order(len(run.train_set), run_seed, state.epoch)
+    pairs = (random_pairs(len(run.pool[0]), len(run.train_set), run_seed, state.epoch)
+             if model.cfg.train_pairing == "random" else None)
     pos = state.position or Position(0, {}, 0, 0.0)
     sums, count, t0, stopping = dict(pos.sums), pos.count, time.perf_counter(), False
     for b in range(pos.batch, n_batches):
         idx, weight = _local_part(order[b * bs:(b + 1) * bs], d)
-        loss, terms = backward_step(run.step, run.opt, _batch(run.train_set, idx, run.device),
-                                    weight)
+        batch = (_batch(run.train_set, idx, run.device) if pairs is None
+                 else _pool_batch(run.pool, pairs[0][idx], pairs[1][idx], run.device))
+        loss, terms = backward_step(run.step, run.opt, batch, weight)
         named = {"loss": loss, **terms}
         n_local = len(idx) * (weight > 0)
         stats = torch.stack([v.detach().float() * n_local for v in named.values()]
