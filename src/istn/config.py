@@ -82,6 +82,9 @@ class Config:
     refine_samples: int = 0
     # Extension: coarse-to-fine refinement levels (Gaussian blur 2^(L-1-k) voxels, then none).
     refine_levels: int = 1
+    # Extension: refinement on images k times finer than the network grid (same extent;
+    # istn register and the API; needs refine_samples).
+    refine_resolution: int = 1
     # Extension: training pairs: 'listed' (the CSV's pairs, as published) or 'random'
     # (each epoch, as many random pairs of the distinct training images as are listed).
     train_pairing: str = "listed"
@@ -219,6 +222,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("max_translation_mm", "must be > 0 (mm per axis) or null")
     if cfg.train_pairing not in ("listed", "random"):
         raise err("train_pairing", "must be one of listed, random")
+    if cfg.refine_resolution < 1:
+        raise err("refine_resolution", "must be >= 1 (1: the network grid)")
+    if cfg.refine_resolution > 1 and not (cfg.refine_samples and cfg.refine_inputs != "primes"):
+        raise err("refine_resolution", "needs refine_samples > 0 and refine_inputs 'images' "
+                  "or 'local' (finer images are compared at sampled voxels)")
     if cfg.refine_levels < 1:
         raise err("refine_levels", "must be >= 1 (1: no coarse levels)")
     if cfg.refine_samples < 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io as _io
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +142,9 @@ class PairSet:
     # Landmarks given as point CSVs (network-grid indices, rows correspond), or None.
     src_landmarks: list[np.ndarray] | None = None
     trg_landmarks: list[np.ndarray] | None = None
+    # The images as given (paths or sitk.Image), to load them on other grids.
+    src_items: list = field(default_factory=list)
+    trg_items: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -234,6 +238,30 @@ def prepare_volume(img: sitk.Image, cfg: Config, kind: str, mask: np.ndarray | N
         res = resample(norm_img, cfg.spacing, cfg.size, orientation=cfg.grid_orientation,
                        centre=centre)
     return sitk.GetArrayFromImage(res), res
+
+
+def finer_grid(grid: Geometry, factor: int) -> sitk.Image:
+    """A blank image on ``grid``'s extent ``factor`` times finer: same origin and direction,
+    spacing / factor, (n - 1) * factor + 1 voxels per axis.
+
+    Normalised coordinates (-1 and +1 at the first and last voxel centres) name the same
+    physical points on both grids, so network-grid parameters apply to it unchanged.
+    """
+    size = [(int(n) - 1) * factor + 1 for n in grid.size]
+    img = sitk.Image(size, sitk.sitkFloat32)
+    img.SetOrigin([float(v) for v in grid.origin])
+    img.SetSpacing([float(v) / factor for v in grid.spacing])
+    img.SetDirection([float(v) for v in grid.direction.ravel()])
+    return img
+
+
+def load_finer(cfg: Config, images: Sequence[Path | sitk.Image], grids: Sequence[Geometry],
+               factor: int) -> torch.Tensor:
+    """Images normalised as the networks see them, on their network grids made ``factor``
+    times finer (:func:`finer_grid`): [N, 1, *fine shape]."""
+    out = [load_volume(img, cfg, "img", None, "image", finer_grid(g, factor))[0]
+           for img, g in zip(images, grids, strict=True)]
+    return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
 
 
 def _grid_of(reference: sitk.Image) -> dict[str, list[float]]:
@@ -350,6 +378,8 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
         ta, tres, tfile = load_volume(t, cfg, "img", mt, "target image")
         arrays["src"].append(sa)
         arrays["trg"].append(ta)
+        ps.src_items.append(s)
+        ps.trg_items.append(t)
         if point_csvs:
             ss, ts = extra["points"][i]
             ps.src_landmarks.append(Geometry.of(sres).to_index(read_points(ss, cfg.dim)))

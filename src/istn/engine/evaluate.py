@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import PairSet
+from ..data import PairSet, load_finer
 from ..metrics import landmark_centroids, landmark_error, overlap_metrics
 from ..spatial import index_to_normalised, normalised_to_index, warp
 from .model import Model
@@ -148,6 +148,17 @@ class Evaluation:
         return {stage: getattr(self, stage) for stage in STAGES}
 
 
+def refinement_images(model: Model, ps: PairSet, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (source, target) images refinement compares: the network-grid images, or with
+    ``refine_resolution`` k > 1 the images on their network grids made k times finer."""
+    k = model.cfg.refine_resolution
+    if k == 1:
+        return ps.src.to(device), ps.trg.to(device)
+    return (load_finer(model.cfg, ps.src_items, ps.src_grid, k).to(device),
+            load_finer(model.cfg, ps.trg_items, ps.trg_grid, k).to(device))
+
+
 def evaluate(model: Model, ps: PairSet, device: torch.device,
              refinement: RefineSettings | None = None, batch_size: int = 16,
              progress: bool = True) -> Evaluation:
@@ -163,7 +174,8 @@ def evaluate(model: Model, ps: PairSet, device: torch.device,
         src_prime=s_p.cpu() if itn_out is not None else None,
         trg_prime=t_p.cpu() if itn_out is not None else None)
     if refinement is not None and refinement.iterations > 0:
-        refined = refine(model, s_p, t_p, refinement, progress, images=(src, trg))
+        refined = refine(model, s_p, t_p, refinement, progress,
+                         images=refinement_images(model, ps, device))
         after = apply(model, refined, ps, itn_out, batch_size)
         result.after_refinement = pair_metrics(model, ps, after.params, after.seg)
         result.warped_refined = after

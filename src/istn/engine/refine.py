@@ -99,9 +99,11 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
             if settings.inputs == "local":
                 s_l, t_l = local_standardise(s_l), local_standardise(t_l)
             params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
+            # blur widths are in network-grid voxels, also on finer refinement images
+            finer = (t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1)
             for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
                                     strict=True):
-                s_k, t_k = gaussian_blur(s_l, sigma), gaussian_blur(t_l, sigma)
+                s_k, t_k = gaussian_blur(s_l, sigma * finer), gaussian_blur(t_l, sigma * finer)
                 if settings.samples:
                     points, values = sample_voxels(t_k, settings.samples, seed=i)
                     loss = partial(_sampled_losses, model, s_k, points, values, sim)

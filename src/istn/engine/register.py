@@ -26,7 +26,7 @@ from ..errors import IstnError
 from ..export import export_transform, jacobian_stats, physical_point_map, warp_to_reference
 from ..io import array_to_image, as_image, replace_folder, write_image, write_text, write_transform
 from ..metrics import overlap_metrics
-from .evaluate import predict
+from .evaluate import predict, refinement_images
 from .model import Model
 from .refine import RefineSettings, refine
 
@@ -159,7 +159,7 @@ def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device
     params, s_p, t_p = predict(model, src, trg)
     if refine_iters > 0:
         params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
-                        progress, images=(src, trg))
+                        progress, images=refinement_images(model, ps, device))
     params = params.detach().cpu()
     regs = [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i])
             for i in range(len(inputs))]
