@@ -427,8 +427,10 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                 prefix = "seg" if key == "seg" else "pts"
                 # On the image's own network grid (its centre, not the segmentation's).
                 if key == "seg" and multi:  # [C, *shape] with C structures
-                    sv, tv = load_soi(ss, cfg, sres, what), load_soi(ts, cfg, tres, what)
-                    found |= sv[2] | tv[2]
+                    (sa_, sf_, s_found), (ta_, tf_, t_found) = (load_soi(ss, cfg, sres, what),
+                                                              load_soi(ts, cfg, tres, what))
+                    sv, tv = (sa_, sres, sf_), (ta_, tres, tf_)
+                    found |= s_found | t_found
                 else:
                     sv = load_volume(ss, cfg, kind, None, what, sres)
                     tv = load_volume(ts, cfg, kind, None, what, tres)
