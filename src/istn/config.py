@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import IstnError
-from .similarity import SIMILARITIES
+from .similarity import check_similarity
 from .spatial import transformation_class
 
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
@@ -103,6 +103,17 @@ class Config:
     # translation as SimpleITK's MOMENTS initialiser. Identical for 2D PNGs either way.
     grid_orientation: str = "world"
     grid_centre: str = "image"
+    # Extensions: a SoI of several structures, one channel each (ITN outputs, STN input
+    # of ISTN-e/-i, losses and metrics per channel). labels: the label values of a
+    # label-map SoI, each one channel (one-hot); soi_components: the number of components
+    # per voxel of a probability-map SoI (a multi-component image, one structure per
+    # component). Both unset (null, 1): one channel, the SoI's values as they are.
+    labels: list[int] | None = None
+    soi_components: int = 1
+    # Extensions: the dissimilarity of the terms that compare with a SoI (loss_itn,
+    # loss_stn_s, loss_stn_i), e.g. 'dice' or 'mse+dice'; null: loss_itn MSE and the
+    # STN terms 'similarity' (the published losses).
+    soi_loss: str | None = None
 
     @property
     def dim(self) -> int:
@@ -112,6 +123,21 @@ class Config:
     def shape(self) -> tuple[int, ...]:
         """Spatial shape in array order (z, y, x)."""
         return tuple(self.size[::-1])
+
+    @property
+    def soi_channels(self) -> int:
+        """Channels of the SoI (and of the ITN's output): one per structure."""
+        return len(self.labels) if self.labels is not None else self.soi_components
+
+    @property
+    def soi_names(self) -> list[str] | None:
+        """The structures' names in metrics (label values, else component numbers 1, 2, ...);
+        None for the single-channel SoI of today's configs (no per-label metrics)."""
+        if self.labels is not None:
+            return [str(v) for v in self.labels]
+        if self.soi_components > 1:
+            return [str(k + 1) for k in range(self.soi_components)]
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +178,14 @@ def _check_type(key: str, value: Any, source: str) -> Any:
             return None
         if not isinstance(value, str):
             raise bad("a string" + (" or null" if kind == "str | None" else ""))
+    elif kind == "list[int] | None":  # 'labels'
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple) or not value or any(
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                or v != int(v) for v in value):
+            raise bad("a non-empty list of integer label values (e.g. [1, 2]) or null")
+        value = [int(v) for v in value]
     elif kind.startswith("list"):
         item = int if "int" in kind else float
         if not isinstance(value, list | tuple) or not value:
@@ -208,12 +242,21 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for key in ("normalizer_img", "normalizer_seg"):
         if getattr(cfg, key) not in NORMALIZERS:
             raise err(key, f"must be one of {', '.join(NORMALIZERS)}; got '{getattr(cfg, key)}'")
-    if cfg.similarity not in SIMILARITIES:
-        raise err("similarity", f"must be one of {', '.join(SIMILARITIES)}; "
-                  f"got '{cfg.similarity}'")
-    if cfg.refine_similarity is not None and cfg.refine_similarity not in SIMILARITIES:
-        raise err("refine_similarity", f"must be null or one of {', '.join(SIMILARITIES)}; "
-                  f"got '{cfg.refine_similarity}'")
+    for key in ("similarity", "refine_similarity", "soi_loss"):
+        name = getattr(cfg, key)
+        if name is not None and (problem := check_similarity(name)) is not None:
+            raise err(key, f"{'must be null or a similarity: ' if key != 'similarity' else ''}"
+                      f"{problem}; got '{name}'")
+    if cfg.labels is not None:
+        if len(set(cfg.labels)) != len(cfg.labels):
+            raise err("labels", f"must list each label value once, got {cfg.labels}")
+        if any(v < 0 for v in cfg.labels):
+            raise err("labels", f"must hold label values >= 0, got {cfg.labels}")
+        if cfg.soi_components != 1:
+            raise err("soi_components", "must be 1 with 'labels' (a label map has one "
+                      "component; several probability maps: leave 'labels' null)")
+    if cfg.soi_components < 1:
+        raise err("soi_components", f"must be >= 1, got {cfg.soi_components}")
     if cfg.refine_inputs not in REFINE_INPUTS:
         raise err("refine_inputs", f"must be one of {', '.join(REFINE_INPUTS)}")
     if cfg.refine_tolerance < 0:

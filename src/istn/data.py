@@ -21,7 +21,7 @@ import torch
 
 from . import cache
 from .config import Config
-from .errors import IstnError
+from .errors import IstnError, count
 from .io import read_image
 from .preprocess import centre_of_mass, normalise, resample, resample_onto
 
@@ -122,7 +122,9 @@ class Geometry:
 
 @dataclass
 class PairSet:
-    """Pairs preprocessed onto the network grid. Images are [N, 1, *shape] float32."""
+    """Pairs preprocessed onto the network grid. Images are [N, 1, *shape] float32;
+    segmentations [N, C, *shape], one channel per SoI structure (config 'labels',
+    'soi_components'; else C = 1)."""
 
     names: list[str]
     src: torch.Tensor
@@ -264,6 +266,64 @@ def load_finer(cfg: Config, images: Sequence[Path | sitk.Image], grids: Sequence
     return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
 
 
+def soi_structures(img: sitk.Image, cfg: Config, what: str) -> list[sitk.Image]:
+    """The structures of a multi-channel SoI file as scalar float32 images, one per channel.
+
+    With config 'labels' the SoI is a label map (integer values) and channel ``k`` is 1
+    where it equals ``labels[k]``, else 0 (one-hot); otherwise it holds 'soi_components'
+    probability maps as the components of a multi-component image (component ``k``:
+    channel ``k``). ``img`` is read with every component (``read_image(...,
+    components=True)``); ``what`` names the file in errors.
+    """
+    n = img.GetNumberOfComponentsPerPixel()
+    if cfg.labels is None:
+        if n != cfg.soi_components:
+            raise IstnError(f"{what} has {n} component(s) per voxel but config key "
+                            f"'soi_components' is {cfg.soi_components}: give one component "
+                            "per structure (a multi-component image, e.g. .nii.gz, .mha, "
+                            ".nrrd)")
+        return [sitk.VectorIndexSelectionCast(img, k, sitk.sitkFloat32) for k in range(n)]
+    if n != 1:
+        raise IstnError(f"{what} has {n} components per voxel but config key 'labels' "
+                        f"{cfg.labels} reads a label map (one integer label per voxel)")
+    arr = sitk.GetArrayFromImage(img)
+    _check_finite(arr, what)
+    if not np.allclose(arr, np.round(arr)):
+        raise IstnError(f"{what} is not a label map (non-integer values) but config key "
+                        f"'labels' is {cfg.labels}: give integer label maps, or set 'labels' "
+                        "to null for a soft (single-structure) SoI")
+    labels = np.round(arr)
+    out = []
+    for v in cfg.labels:
+        channel = sitk.GetImageFromArray((labels == v).astype(np.float32))
+        channel.CopyInformation(img)
+        out.append(channel)
+    return out
+
+
+def load_soi(path: Path | sitk.Image, cfg: Config, reference: sitk.Image, what: str
+             ) -> tuple[np.ndarray, sitk.Image, set[int]]:
+    """A multi-channel SoI on ``reference``'s network grid: (array [C, *shape], file
+    image, label values found in the file (label maps; else empty)).
+
+    Channels of :func:`soi_structures`, each resampled linearly as a single-channel SoI
+    is: one-hot label channels are not normalised (they are 0/1), probability maps get
+    'normalizer_seg' per component. Not cached (:mod:`istn.cache` holds one channel).
+    """
+    img = path if isinstance(path, sitk.Image) else read_image(path, what, components=True)
+    name = what if isinstance(path, sitk.Image) else f"{what} '{path}'"
+    if isinstance(path, sitk.Image) and cfg.labels is None:
+        img = sitk.Cast(img, sitk.sitkVectorFloat32)
+    found = set()
+    if cfg.labels is not None and img.GetNumberOfComponentsPerPixel() == 1:
+        values = sitk.GetArrayViewFromImage(img)
+        found = {int(v) for v in np.unique(np.round(values[np.isfinite(values)]))}
+    kind = "raw" if cfg.labels is not None else "seg"
+    arrays = [prepare_volume(ch, cfg, kind, None, name, reference)[0]
+              for ch in soi_structures(img, cfg, name)]
+    return np.stack(arrays), img, found
+
+
 def _grid_of(reference: sitk.Image) -> dict[str, list[float]]:
     """A reference grid as plain numbers (part of the cache key of images resampled onto it)."""
     return {"origin": [float(v) for v in reference.GetOrigin()],
@@ -370,6 +430,8 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
     arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     ps = PairSet(names=[], src=torch.empty(0), trg=torch.empty(0))
     point_csvs = _point_csvs(points)
+    multi = cfg.soi_names is not None  # config 'labels' / 'soi_components': C channels
+    found: set[int] = set()  # label values seen in the label maps
     if point_csvs:
         ps.src_landmarks, ps.trg_landmarks = [], []
     for i, (s, t) in enumerate(pairs):
@@ -394,8 +456,14 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
                 ss, ts = extra[key][i]
                 prefix = "seg" if key == "seg" else "pts"
                 # On the image's own network grid (its centre, not the segmentation's).
-                sv = load_volume(ss, cfg, kind, None, what, sres)
-                tv = load_volume(ts, cfg, kind, None, what, tres)
+                if key == "seg" and multi:  # [C, *shape] with C structures
+                    (sa_, sf_, s_found), (ta_, tf_, t_found) = (load_soi(ss, cfg, sres, what),
+                                                              load_soi(ts, cfg, tres, what))
+                    sv, tv = (sa_, sres, sf_), (ta_, tres, tf_)
+                    found |= s_found | t_found
+                else:
+                    sv = load_volume(ss, cfg, kind, None, what, sres)
+                    tv = load_volume(ts, cfg, kind, None, what, tres)
                 if key == "seg":  # as istn register: a SoI must cover its image voxel by voxel
                     _check_same_size(sv[2], ss, sfile, s)
                     _check_same_size(tv[2], ts, tfile, t)
@@ -406,6 +474,13 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
         ps.src_grid.append(Geometry.of(sres))
         ps.trg_grid.append(Geometry.of(tres))
         ps.references.append(tres)
+    if segs and cfg.labels is not None:
+        absent = [v for v in cfg.labels if v not in found]
+        if absent:
+            listed = f"'{segs[0][0]}', ... ({count(len(segs), 'pair')})"
+            raise IstnError(f"config key 'labels' lists {absent} but no segmentation holds "
+                            f"that value (segmentations {listed}; values found: "
+                            f"{sorted(found)}); list only labels of the label maps")
     ps.names = names if names is not None else pair_names([s for s, _ in pairs])
     if extra["transforms"] is not None:
         from .synth import read_transform
@@ -413,5 +488,7 @@ def load_pair_lists(cfg: Config, pairs: ImagePairs, segs: Pairs | None = None,
         ps.transforms = [(read_transform(a), read_transform(b)) for a, b in extra["transforms"]]
     for key, vals in arrays.items():
         if vals:
-            setattr(ps, key, torch.from_numpy(np.stack(vals)[:, None]).float())
+            stacked = np.stack(vals)  # [N, *shape]; a multi-channel SoI: [N, C, *shape]
+            channels = multi and key in ("src_seg", "trg_seg")
+            setattr(ps, key, torch.from_numpy(stacked if channels else stacked[:, None]).float())
     return ps

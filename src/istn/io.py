@@ -18,11 +18,12 @@ from . import layout
 from .errors import IstnError
 
 
-def read_image(path: str | Path, what: str = "image") -> sitk.Image:
+def read_image(path: str | Path, what: str = "image", components: bool = False) -> sitk.Image:
     """Read any SimpleITK-supported image as float32 scalar image, geometry kept.
 
     An alpha channel is dropped; colour (RGB) images are averaged to one channel, with a
-    warning; images 1 voxel thick along an axis are refused.
+    warning; images 1 voxel thick along an axis are refused. ``components=True`` keeps
+    every component (a vector float32 image; probability maps of several structures).
     """
     p = Path(path)
     if p.is_dir():
@@ -40,6 +41,10 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
                         "images (split time series or channels into separate files)")
     if p.name.endswith((".nii", ".nii.gz")) and not _nifti_finite(p):
         raise IstnError(f"image '{p}' contains NaN or Inf values; clean or mask them first")
+    if components:
+        if min(img.GetSize()) < 2:
+            _scalar(img, f"{what} '{p}'")  # raises: 1 voxel thick
+        return sitk.Cast(img, sitk.sitkVectorFloat32)
     return _scalar_float(img, f"{what} '{p}'")
 
 

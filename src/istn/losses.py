@@ -11,6 +11,11 @@ similarity (config 'similarity'; MSE as published):
     loss_stn_r = D(W(S'), T')                         (refinement, per pair)
 
     u: loss_stn_u   s: loss_stn_s   e: loss_itn + loss_stn_s   i: loss_stn_i + loss_stn_s
+
+With config 'soi_loss' (``soi``, e.g. Dice or MSE + Dice) every term that compares with
+a SoI (loss_itn, loss_stn_s, loss_stn_i) uses it instead of MSE / ``D``. A SoI of
+several structures has one channel each (S', T' too); every measure then averages its
+per-channel values (:mod:`istn.similarity`).
 """
 
 from __future__ import annotations
@@ -43,10 +48,15 @@ def check_strategy(strategy: str) -> str:
 def training_loss(strategy: str, grid: torch.Tensor, src: torch.Tensor, trg: torch.Tensor,
                   src_prime: torch.Tensor, trg_prime: torch.Tensor,
                   src_seg: torch.Tensor | None, trg_seg: torch.Tensor | None,
-                  similarity: Similarity | None = None
+                  similarity: Similarity | None = None, soi: Similarity | None = None
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total training loss of ``strategy`` and its named terms (for logging)."""
+    """Total training loss of ``strategy`` and its named terms (for logging).
+
+    ``similarity`` is ``D`` (default MSE); ``soi`` (default None: as published) the
+    measure of the terms that compare with a SoI.
+    """
     sim = similarity or new_similarity("mse")
+    seg_sim = soi or sim
     terms: dict[str, torch.Tensor] = {}
     if strategy == "u":
         terms["stn_u"] = sim.mean(warp(src, grid), trg)
@@ -59,11 +69,15 @@ def training_loss(strategy: str, grid: torch.Tensor, src: torch.Tensor, trg: tor
             warped_seg, warped_prime = both[:, :c], both[:, c:]
         else:
             warped_seg = warp(src_seg, grid)
-        terms["stn_s"] = sim.mean(warped_seg, trg_seg)
+        terms["stn_s"] = seg_sim.mean(warped_seg, trg_seg)
         if strategy == "e":
-            terms["itn"] = F.mse_loss(src_prime, src_seg) + F.mse_loss(trg_prime, trg_seg)
+            if soi is None:  # the published regression
+                terms["itn"] = F.mse_loss(src_prime, src_seg) + F.mse_loss(trg_prime, trg_seg)
+            else:
+                terms["itn"] = soi.mean(src_prime, src_seg) + soi.mean(trg_prime, trg_seg)
         elif strategy == "i":
-            terms["stn_i"] = sim.mean(warped_prime, trg_seg) + sim.mean(warped_seg, trg_prime)
+            terms["stn_i"] = (seg_sim.mean(warped_prime, trg_seg)
+                              + seg_sim.mean(warped_seg, trg_prime))
     return torch.stack(list(terms.values())).sum(), terms
 
 

@@ -23,6 +23,8 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "overlap_metrics",
+    "label_overlap_metrics",
+    "label_key",
     "surface",
     "landmark_centroids",
     "match_points",
@@ -159,6 +161,48 @@ def overlap_metrics(
         "precision": float(precision),
         "recall": float(recall),
     }
+
+
+OVERLAP_METRICS = ("dice", "hd", "hd95", "asd", "precision", "recall")
+
+
+def label_key(metric: str, name: str) -> str:
+    """The row key of ``metric`` for the SoI structure ``name``: ``dice_1``, ``hd95_2``."""
+    return f"{metric}_{name}"
+
+
+def label_overlap_metrics(
+    pred: Any,
+    ref: Any,
+    spacing: Sequence[float] | np.ndarray,
+    names: Sequence[str] | None,
+    threshold: float = 0.5,
+) -> dict[str, float]:
+    """:func:`overlap_metrics` of a SoI of several structures, one channel each.
+
+    ``pred`` and ``ref`` are ``[C, *spatial]`` (channel ``k`` is the structure
+    ``names[k]``). ``names=None`` (a single-structure SoI, ``C == 1``): exactly
+    ``overlap_metrics(pred[0], ref[0])``. Otherwise every metric of every structure, keyed
+    :func:`label_key` (``dice_1``), and under the plain key (``dice``) the mean over the
+    structures where that metric is defined (NaN where it is defined for none).
+    """
+    p_arr, r_arr = _to_numpy(pred), _to_numpy(ref)
+    if p_arr.shape != r_arr.shape:
+        raise ValueError(f"pred and ref shapes differ: {p_arr.shape} vs {r_arr.shape}")
+    if names is None:
+        if p_arr.shape[0] != 1:
+            raise ValueError(f"{p_arr.shape[0]} channels need one name each")
+        return overlap_metrics(p_arr[0], r_arr[0], spacing, threshold)
+    if len(names) != p_arr.shape[0]:
+        raise ValueError(f"{len(names)} names for {p_arr.shape[0]} channels")
+    per = [overlap_metrics(p_arr[k], r_arr[k], spacing, threshold) for k in range(len(names))]
+    out: dict[str, float] = {}
+    for metric in OVERLAP_METRICS:
+        vals = [m[metric] for m in per if not math.isnan(m[metric])]
+        out[metric] = float(np.mean(vals)) if vals else float("nan")
+    for name, m in zip(names, per, strict=True):
+        out.update({label_key(metric, name): m[metric] for metric in OVERLAP_METRICS})
+    return out
 
 
 def landmark_centroids(img: Any, threshold: float | None = None) -> np.ndarray:

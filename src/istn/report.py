@@ -39,6 +39,7 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 
 from . import layout  # noqa: E402
 from .io import write_atomically  # noqa: E402
+from .metrics import label_key  # noqa: E402
 
 
 def tensorboard_writer(folder: Path):
@@ -76,7 +77,7 @@ def panel_tensor(ps, res, i: int) -> torch.Tensor:
     """
     tiles = [ps.src[i, 0], ps.trg[i, 0], res.warped.src[i, 0]]
     if res.src_prime is not None:
-        tiles += [res.src_prime[i, 0], res.trg_prime[i, 0]]
+        tiles += [torch.as_tensor(_composite(t[i])) for t in (res.src_prime, res.trg_prime)]
     return torch.cat([_scale01(mosaic(t.float().cpu())) for t in tiles], dim=1)
 
 
@@ -230,6 +231,28 @@ def _label_map(seg, multi: bool = True) -> np.ndarray:
     return (a > 0.5).astype(int)
 
 
+def _soi_map(seg, i: int) -> np.ndarray:
+    """Pair ``i``'s SoI (``seg`` [N, C, ...]) as an integer map. One channel: label 1 where
+    it exceeds 0.5 (the binarisation of the metrics); several (one per structure): ``k + 1``
+    where channel ``k`` is the largest and exceeds 0.5, else 0."""
+    a = _np(seg[i])
+    if a.shape[0] == 1:
+        return _label_map(a[0], False)
+    return np.where(a.max(0) > 0.5, a.argmax(0) + 1, 0)
+
+
+def _composite(x) -> np.ndarray:
+    """A [C, ...] representation (S', T') as one grey picture: channel ``k`` weighted by
+    ``k + 1`` (one channel: itself), so several structures show as distinct grey levels."""
+    a = _np(x)
+    return a[0] if a.shape[0] == 1 else np.tensordot(np.arange(1, a.shape[0] + 1), a, 1)
+
+
+def _channel_names(seg, names: Sequence[str] | None) -> list[str]:
+    """The names of the SoI's structures (default ``1, 2, ...``)."""
+    return list(names) if names is not None else [str(k + 1) for k in range(seg.shape[1])]
+
+
 def _labels(*maps: np.ndarray | None) -> list[int]:
     """The label values (background 0 excluded) of integer label maps; [1] when none."""
     found: set[int] = set()
@@ -255,8 +278,9 @@ def _contours(ax, seg2d: np.ndarray | None, labels: Sequence[int], moving: bool)
             ax.contour(m, levels=[0.5], linewidths=0.9, **_style(labels, lab, moving))
 
 
-def _legend(fig, labels: Sequence[int], moving: str) -> None:
-    """Which contour is which, below the panels."""
+def _legend(fig, labels: Sequence[int], moving: str,
+            names: Sequence[str] | None = None) -> None:
+    """Which contour is which, below the panels (``names[k]``: the name of label k + 1)."""
     if len(labels) == 1:
         hs = [Line2D([], [], color=SINGLE[0], label="target"),
               Line2D([], [], color=SINGLE[1], label=moving)]
@@ -264,7 +288,7 @@ def _legend(fig, labels: Sequence[int], moving: str) -> None:
         hs = [Line2D([], [], color="0.2", ls="-", label="target"),
               Line2D([], [], color="0.2", ls="--", label=moving)]
         hs += [Line2D([], [], color=_style(labels, lab, False)["colors"][0], lw=4,
-                      label=f"label {lab}") for lab in labels]
+                      label=f"label {names[lab - 1] if names else lab}") for lab in labels]
     fig.legend(handles=hs, loc="outside lower center", ncol=min(len(hs), 8), frameon=False,
                fontsize=8)
 
@@ -301,7 +325,7 @@ def _geometry(ps, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
     return ps.trg_grid[i].spacing, ps.trg_grid[i].direction
 
 
-def _pair_figure(ps, res, indices: Sequence[int]):
+def _pair_figure(ps, res, indices: Sequence[int], names: Sequence[str] | None = None):
     """Rows of pairs (3D: three planes each): source, target, S', T', warped source, SoI."""
     refined = res.warped_refined is not None
     warped = res.warped_refined if refined else res.warped
@@ -313,7 +337,10 @@ def _pair_figure(ps, res, indices: Sequence[int]):
     cols += [f"warped source ({stage})", "SoI on target" if with_seg else "target"]
     stages = [s for s in ("identity", "before_refinement", "after_refinement")
               if getattr(res, s) is not None]
-    labels = [1]  # istn test's SoI: one structure, binarised at 0.5 as its metrics are
+    # istn test's SoI: one structure per channel, binarised at 0.5 as its metrics are
+    channels = ps.trg_seg.shape[1] if with_seg else 1
+    labels = list(range(1, channels + 1))
+    soi = _channel_names(ps.trg_seg, names) if channels > 1 else None
     nplanes = 1 if ps.src.dim() == 4 else 3
     nrows = len(indices) * nplanes
     # constrained layout keeps every row's titles, the suptitle and the legend apart
@@ -321,13 +348,13 @@ def _pair_figure(ps, res, indices: Sequence[int]):
                              squeeze=False, layout="constrained")
     for k, i in enumerate(indices):
         sp, dr = _geometry(ps, i)
-        centre = _focus(_label_map(ps.trg_seg[i, 0], False), sp, dr) if with_seg else None
+        centre = _focus(_soi_map(ps.trg_seg, i), sp, dr) if with_seg else None
         imgs = [ps.src[i, 0], ps.trg[i, 0]]
         if res.src_prime is not None:
-            imgs += [res.src_prime[i, 0], res.trg_prime[i, 0]]
+            imgs += [_composite(res.src_prime[i]), _composite(res.trg_prime[i])]
         imgs += [warped.src[i, 0], ps.trg[i, 0]]
         planes = [views(im, sp, dr, centre) for im in imgs]
-        segs = ([views(_label_map(s[i, 0], False), sp, dr, centre)
+        segs = ([views(_soi_map(s, i), sp, dr, centre)
                  for s in (ps.trg_seg, warped.seg)] if with_seg else None)
         for p in range(nplanes):
             r = k * nplanes + p
@@ -344,7 +371,8 @@ def _pair_figure(ps, res, indices: Sequence[int]):
                                   fontsize=7)
         # the pair's metrics over the stages, in the title of its last panel
         lines = []
-        for key, name, digits in (("dice", "Dice", 3), ("landmark_error", "TRE", 2)):
+        per_label = [(label_key("dice", n), f"Dice {n}", 3) for n in soi or []]
+        for key, name, digits in (("dice", "Dice", 3), *per_label, ("landmark_error", "TRE", 2)):
             vals = [getattr(res, s)[i].get(key) for s in stages]
             if any(x is not None and math.isfinite(x) for x in vals):
                 lines.append(f"{name} {_arrow(vals, digits)}")
@@ -354,22 +382,24 @@ def _pair_figure(ps, res, indices: Sequence[int]):
     names = " → ".join(STAGE_NAMES[s] for s in stages)
     fig.suptitle(f"metrics: {names}", fontsize=8)
     if with_seg:
-        _legend(fig, labels, f"warped source ({stage})")
+        _legend(fig, labels, f"warped source ({stage})", soi)
     return fig
 
 
 def pair_grid(ps, res, path: Path, max_pairs: int = 4,
-              pairs: Sequence[int] | None = None) -> None:
+              pairs: Sequence[int] | None = None, names: Sequence[str] | None = None) -> None:
     """Rows of pairs: source, target, S', T', warped source, SoI contours on the target.
 
     ``res`` is an :class:`istn.engine.evaluate.Evaluation` (refined images where
     present; the stage is named in the column title). ``pairs``: the indices to show
     (default the first ``max_pairs``). Each pair's Dice and TRE (landmark error) over
     the stages unregistered → predicted (→ refined) head its last panel. Geometry
-    (spacing, direction) is the target's network grid.
+    (spacing, direction) is the target's network grid. A SoI of several structures (one
+    channel each, ``names`` in the legend): one contour colour per structure, Dice per
+    structure; S', T' as :func:`_composite`.
     """
     indices = list(range(min(max_pairs, len(ps)))) if pairs is None else list(pairs)
-    _save(_pair_figure(ps, res, indices), path)
+    _save(_pair_figure(ps, res, indices, names), path)
 
 
 def pair_thumbnail(ps, res, i: int) -> bytes:
@@ -379,14 +409,15 @@ def pair_thumbnail(ps, res, i: int) -> bytes:
     warped = res.warped_refined if res.warped_refined is not None else res.warped
     sp, dr = _geometry(ps, i)
     with_seg = ps.trg_seg is not None and warped.seg is not None
-    maps = [_label_map(s[i, 0], False) for s in (ps.trg_seg, warped.seg)] if with_seg else []
+    maps = [_soi_map(s, i) for s in (ps.trg_seg, warped.seg)] if with_seg else []
+    labels = list(range(1, ps.trg_seg.shape[1] + 1)) if with_seg else [1]
     centre = _focus(maps[0], sp, dr) if with_seg else None
     plane, trg = views(ps.trg[i, 0], sp, dr, centre)[0]
     fig, ax = plt.subplots(figsize=(1.6, 1.6))
     if with_seg:
         _show(ax, plane, trg)
         for m, moving in zip(maps, (False, True), strict=True):
-            _contours(ax, views(m, sp, dr, centre)[0][1], [1], moving)
+            _contours(ax, views(m, sp, dr, centre)[0][1], labels, moving)
     else:
         _show(ax, plane, checkerboard(trg, views(warped.src[i, 0], sp, dr, centre)[0][1]))
     ax.axis("off")
@@ -400,7 +431,8 @@ def itn_thumbnail(ps, res, i: int) -> bytes | None:
         return None
     sp, dr = _geometry(ps, i)
     fig, axes = plt.subplots(1, 2, figsize=(3.2, 1.6))
-    for ax, t in zip(axes, (res.src_prime[i, 0], res.trg_prime[i, 0]), strict=True):
+    for ax, t in zip(axes, (_composite(res.src_prime[i]), _composite(res.trg_prime[i])),
+                     strict=True):
         plane, img = views(t, sp, dr)[0]
         _show(ax, plane, img)
         ax.axis("off")
@@ -736,12 +768,16 @@ def _img(src: str | None, full: str | None, alt: str) -> str:
 
 
 def pairs_from_test(names: Sequence[str], rows: Mapping[str, Sequence[Mapping] | None],
-                ps=None, res=None) -> list[PairReport]:
+                ps=None, res=None, soi_names: Sequence[str] | None = None
+                ) -> list[PairReport]:
     """Rows of ``istn test``'s report from its per-stage metric rows (in the order of
     ``names``) and, for the pairs in ``ps`` (this process's PairSet and Evaluation),
-    thumbnails, full pictures and ITN outputs drawn here."""
-    keys = {"dice": "dice", "hd95": "hd95", "landmark_error": "tre",
-            "landmark_error_gt": "tre_gt"}
+    thumbnails, full pictures and ITN outputs drawn here. ``soi_names``: the structures
+    of a multi-label SoI (Dice and HD95 per structure beside their means)."""
+    keys = {("dice", ""): "dice", ("hd95", ""): "hd95", ("tre", ""): "landmark_error",
+            ("tre_gt", ""): "landmark_error_gt"}
+    for n in soi_names or []:
+        keys.update({(m, n): label_key(m, n) for m in ("dice", "hd95")})
     local = {n: i for i, n in enumerate(ps.names)} if ps is not None and res is not None \
         else {}
     out = []
@@ -750,15 +786,15 @@ def pairs_from_test(names: Sequence[str], rows: Mapping[str, Sequence[Mapping] |
         for stage, stage_rows in rows.items():
             if stage_rows is None:
                 continue
-            for src_key, metric in keys.items():
+            for (metric, lab), src_key in keys.items():
                 v = _finite(stage_rows[j].get(src_key))
                 if v is not None:
-                    values[(metric, "", STAGE_NAMES[stage])] = v
+                    values[(metric, lab, STAGE_NAMES[stage])] = v
         p = PairReport(name, values)
         if name in local:
             i = local[name]
             p.thumbnail = data_uri(pair_thumbnail(ps, res, i))
-            p.picture = data_uri(_png(_pair_figure(ps, res, [i]), dpi=80))  # page size
+            p.picture = data_uri(_png(_pair_figure(ps, res, [i], soi_names), dpi=80))
             itn = itn_thumbnail(ps, res, i)
             if itn is not None:
                 p.extras.append(("ITN(source) | ITN(target)", data_uri(itn)))

@@ -13,7 +13,12 @@ Adding a measure is one class and one decorator line::
         def per_pair(self, warped, target, mask=None): ...
 
 Tensors are ``[B, C, *spatial]``; ``mask`` (optional) is ``[B, 1 | C, *spatial]`` with
-weights in [0, 1] (voxels outside have weight 0).
+weights in [0, 1] (voxels outside have weight 0). Several channels are several
+structures (a multi-label SoI, config 'labels'): every measure's dissimilarity is the
+mean over channels of the dissimilarity of each channel.
+
+A name ``"a+b"`` (e.g. ``"mse+dice"``) is the sum of the registered measures ``a`` and
+``b`` (:func:`new_similarity`, :func:`check_similarity`).
 """
 
 from __future__ import annotations
@@ -44,8 +49,37 @@ register_similarity = SIMILARITIES.register
 
 
 def new_similarity(name: str) -> Similarity:
-    """An instance of the similarity registered as ``name``; IstnError naming the choices."""
-    return SIMILARITIES.lookup(name)()
+    """An instance of the similarity registered as ``name``; IstnError naming the choices.
+
+    ``"a+b"`` (any number of registered names joined by ``+``) is their sum.
+    """
+    parts = name.split("+")
+    if len(parts) == 1:
+        return SIMILARITIES.lookup(name)()
+    return Sum([SIMILARITIES.lookup(part)() for part in parts])
+
+
+def check_similarity(name: str) -> str | None:
+    """None if ``name`` is a registered measure or a ``+``-sum of them; else what is wrong."""
+    bad = [part for part in name.split("+") if part not in SIMILARITIES]
+    if bad:
+        return (f"'{bad[0]}' is no registered similarity; use one of {', '.join(SIMILARITIES)} "
+                "or a sum such as 'mse+dice'")
+    return None
+
+
+class Sum(Similarity):
+    """The sum of several measures (config ``"mse+dice"``), pair by pair."""
+
+    def __init__(self, parts: list[Similarity]):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def per_pair(self, warped, target, mask=None):
+        return torch.stack([p.per_pair(warped, target, mask) for p in self.parts]).sum(0)
+
+    def mean(self, warped, target, mask=None):
+        return torch.stack([p.mean(warped, target, mask) for p in self.parts]).sum()
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -144,6 +178,8 @@ class MutualInformation(Similarity):
         return w if m is None else w * m[..., None]
 
     def per_pair(self, warped, target, mask=None):
+        if warped.shape[1] > 1:  # one histogram per structure, not one of all channels
+            return _channel_mean(self, warped, target, mask)
         wa, wb = self._weights(warped, mask), self._weights(target, mask)
         joint = wa.transpose(1, 2) @ wb  # [B, bins, bins]
         joint = joint / joint.sum((1, 2), keepdim=True).clamp_min(1e-12)
@@ -151,3 +187,37 @@ class MutualInformation(Similarity):
         eps = 1e-12
         mi = (joint * (torch.log(joint + eps) - torch.log(pa * pb + eps))).sum((1, 2))
         return -mi
+
+
+def _channel_mean(sim: Similarity, warped: torch.Tensor, target: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over channels of ``sim.per_pair`` of each channel [B]."""
+    def m(c: int) -> torch.Tensor | None:
+        return None if mask is None else mask[:, c:c + 1] if mask.shape[1] > 1 else mask
+
+    return torch.stack([sim.per_pair(warped[:, c:c + 1], target[:, c:c + 1], m(c))
+                        for c in range(warped.shape[1])]).mean(0)
+
+
+@register_similarity("dice")
+class Dice(Similarity):
+    """1 - soft Dice, per channel (structure), averaged over channels.
+
+    Per pair and channel, over the voxels (weighted by the mask when given):
+    ``dice = (2 sum(x y) + eps) / (sum(x^2) + sum(y^2) + eps)`` (the squared form,
+    MONAI ``DiceLoss(squared_pred=True)``, V-Net): unlike ``sum(x) + sum(y)`` it does not
+    change when both maps are scaled alike (SoI in 0..255 units), stays in [-1, 1] for
+    maps with negative values (ITN outputs are linear), equals the binary Dice on 0/1
+    maps, and two empty maps give 1. The dissimilarity is ``1 - mean over channels``.
+    """
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = eps
+
+    def per_pair(self, warped, target, mask=None):
+        w = torch.ones_like(warped[:, :1]) if mask is None else mask
+        w = w.expand_as(warped)
+        inter = (warped * target * w).flatten(2).sum(2)  # [B, C]
+        norm = ((warped * warped + target * target) * w).flatten(2).sum(2)
+        dice = (2 * inter + self.eps) / (norm + self.eps)
+        return 1.0 - dice.mean(1)

@@ -141,7 +141,7 @@ def describe_mismatch(meta: dict[str, Any], strategy: str | None = None,
         if key in skip:
             continue
         have, want = getattr(saved, key), getattr(cfg, key)
-        if isinstance(have, list):
+        if isinstance(have, list) and isinstance(want, list):
             have, want = [float(v) for v in have], [float(v) for v in want]
         if have != want:
             diffs.append(f"{key} {getattr(saved, key)} (asked: {getattr(cfg, key)})")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..data import PairSet, load_finer
-from ..metrics import landmark_centroids, landmark_error, overlap_metrics
+from ..metrics import label_overlap_metrics, landmark_centroids, landmark_error
 from ..spatial import index_to_normalised, normalised_to_index, warp
 from .model import Model
 from .refine import RefineSettings, refine
@@ -66,7 +66,9 @@ def pair_metrics(model: Model, ps: PairSet, params: torch.Tensor | None,
                  warped_seg: torch.Tensor | None) -> list[dict[str, float | None]]:
     """Per-pair metrics; ``params=None`` evaluates the identity (no registration).
 
-    Overlap: warped source SoI vs target SoI, binarised at 0.5, physical spacing.
+    Overlap: warped source SoI vs target SoI, binarised at 0.5, physical spacing; a SoI
+    of several structures (config 'labels', 'soi_components'): per structure (``dice_1``,
+    ...) and their mean (``dice``), :func:`istn.metrics.label_overlap_metrics`.
     landmark_error: centroids of the source landmark blobs mapped to the target by the
     inverse of the sampling map, matched one-to-one (Hungarian, minimum total distance)
     to the target's centroids; mean physical distance. With point CSVs (physical x,y[,z],
@@ -75,12 +77,14 @@ def pair_metrics(model: Model, ps: PairSet, params: torch.Tensor | None,
     source centroids mapped by the predicted and by the ground-truth transform.
     """
     spacing = np.asarray(model.cfg.spacing, dtype=float)
+    names = model.cfg.soi_names
     rows = []
     for i in range(len(ps)):
         row: dict[str, float | None] = {}
         if ps.src_seg is not None and ps.trg_seg is not None:
-            pred = ps.src_seg[i, 0] if params is None else warped_seg[i, 0]
-            row.update(overlap_metrics(pred.numpy(), ps.trg_seg[i, 0].numpy(), spacing))
+            pred = ps.src_seg[i] if params is None else warped_seg[i]
+            row.update(label_overlap_metrics(pred.numpy(), ps.trg_seg[i].numpy(), spacing,
+                                             names))
         paired = ps.src_landmarks is not None
         if ps.src_pts is not None or paired:
             src_c = (ps.src_landmarks[i] if paired

@@ -23,7 +23,7 @@ from ..spatial import Transformation
 # Config keys that define the network or its input data: a model only fits data
 # prepared with the same values.
 NETWORK_KEYS = ("size", "spacing", "normalizer_img", "normalizer_seg", "grid_orientation",
-                "grid_centre")
+                "grid_centre", "labels", "soi_components")
 
 Scaling = dict[str, list[float]]
 
@@ -51,10 +51,16 @@ class Model(nn.Module):
                                                                   transformation, amp)
         # built ITN first (the published order of random initialisation), registered STN
         # first (the published order of parameters)
-        itn = ITN(cfg.dim) if uses_itn(strategy) else None
-        self.stn = STN(transformation, cfg.shape, 1, **cfg.stn_options(transformation))
+        # one ITN output channel per SoI structure; the STN sees S', T' (C channels each)
+        # for ISTN-e/-i, the images (one channel each) for STN-u/-s
+        c = cfg.soi_channels
+        itn = ITN(cfg.dim, 1, c) if uses_itn(strategy) else None
+        self.stn = STN(transformation, cfg.shape, c if itn is not None else 1,
+                       **cfg.stn_options(transformation))
         self.itn = itn
         self.similarity = new_similarity(cfg.similarity)
+        # the terms that compare with a SoI (None: the published MSE / 'similarity')
+        self.soi_similarity = new_similarity(cfg.soi_loss) if cfg.soi_loss else None
         self.register_buffer("_scaling", torch.zeros(2, 2, dtype=torch.float64),
                              persistent=False)
         self._scaled = False
@@ -135,7 +141,8 @@ class Model(nn.Module):
         params = self.params(s_p, t_p)
         grid = self.stn.grid(params)
         loss, terms = training_loss(self.strategy, grid, b["src"], b["trg"], s_p, t_p,
-                                    b["src_seg"], b["trg_seg"], self.similarity)
+                                    b["src_seg"], b["trg_seg"], self.similarity,
+                                    self.soi_similarity)
         if self.cfg.smoothness > 0:
             terms["smoothness"] = self.transform.regularisation(params)
             loss = loss + self.cfg.smoothness * terms["smoothness"]

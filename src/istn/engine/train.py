@@ -627,5 +627,6 @@ def _validate(run: _Run, epoch: int, warn: bool = True) -> dict[str, float]:
     panel = report.panel_tensor(val_set, res, 0)
     run.writer.add_image("val/pair0", panel, epoch, dataformats="HW")
     if run.save_temp:
-        report.pair_grid(val_set, res, layout.val_picture(run.out, epoch))
+        report.pair_grid(val_set, res, layout.val_picture(run.out, epoch),
+                         names=model.cfg.soi_names)
     return row

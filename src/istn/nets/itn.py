@@ -10,17 +10,19 @@ from .layers import conv, conv_transpose
 
 
 class ITN(nn.Module):
-    """The published ITN (2D or 3D). Output has the input's size and channel count.
+    """The published ITN (2D or 3D). Output has the input's size; ``out_channels``
+    channels (default the input's ``channels``, as published; a multi-label SoI: one
+    per structure).
 
     ReLU follows every 3x3 conv except the last; down-sampling convs (k2 s2) and
     transposed convs are linear; skip connections are additions. Channels
-    in→2→4 | 8 | 16 | 8 | 4→2→2 → in. Spatial size must be divisible by 4.
+    in→2→4 | 8 | 16 | 8 | 4→2→2 → out. Spatial size must be divisible by 4.
     """
 
     # The convolutions whose output goes through a ReLU (for dead-layer checks).
     RELU_LAYERS = ("l1a", "l1b", "l2", "l3", "u2", "u1a", "u1b")
 
-    def __init__(self, dim: int = 2, channels: int = 1):
+    def __init__(self, dim: int = 2, channels: int = 1, out_channels: int | None = None):
         super().__init__()
         self.dim = dim
         c3 = dict(kernel_size=3, padding=1)
@@ -35,7 +37,7 @@ class ITN(nn.Module):
         self.up1 = conv_transpose(dim, 8, 4, kernel_size=2, stride=2)
         self.u1a = conv(dim, 4, 2, **c3)
         self.u1b = conv(dim, 2, 2, **c3)
-        self.out = conv(dim, 2, channels, **c3)
+        self.out = conv(dim, 2, channels if out_channels is None else out_channels, **c3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f1 = F.relu(self.l1b(F.relu(self.l1a(x))))
