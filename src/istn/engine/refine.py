@@ -99,11 +99,10 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
             if settings.inputs == "local":
                 s_l, t_l = local_standardise(s_l), local_standardise(t_l)
             params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
-            # blur widths are in network-grid voxels, also on finer refinement images
-            finer = (t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1)
+            finer = round((t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1))
             for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
                                     strict=True):
-                s_k, t_k = gaussian_blur(s_l, sigma * finer), gaussian_blur(t_l, sigma * finer)
+                s_k, t_k = level_input(s_l, sigma, finer), level_input(t_l, sigma, finer)
                 if settings.samples:
                     points, values = sample_voxels(t_k, settings.samples, seed=i)
                     loss = partial(_sampled_losses, model, s_k, points, values, sim)
@@ -190,6 +189,21 @@ def level_schedule(levels: int, iterations: int) -> tuple[list[float], list[int]
     steps = [iterations // levels] * levels
     steps[-1] += iterations - sum(steps)
     return sigmas, steps
+
+
+def level_input(x: torch.Tensor, sigma: float, finer: int) -> torch.Tensor:
+    """A refinement level's input: ``x`` blurred by ``sigma`` network-grid voxels.
+
+    Refinement images ``finer`` times finer than the network grid (``refine_resolution``)
+    are taken at every ``finer``-th voxel for the blurred levels (the network grid's own
+    points, where a blur of network-grid width loses nothing) and blurred there, which
+    costs ``finer ** dim`` times less; the unblurred last level keeps them whole.
+    """
+    if sigma <= 0:
+        return x
+    if finer > 1:
+        x = x[(..., *[slice(None, None, finer)] * (x.dim() - 2))]
+    return gaussian_blur(x, sigma)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
