@@ -8,7 +8,7 @@ is not run; that marker is the only way to leave a block out, and its reason is 
 test suite itself (``python -m pytest``) is not run again from inside the test suite:
 from a line ``A && B && python -m pytest -q`` the runner runs ``A && B``, and a line that
 only runs pytest is replaced by an ``echo`` saying that it is the command CI is running
-(``.ci/run`` runs the README's test line, see ``test_line``).
+(``.ci/run`` runs the README's test line, see ``readme_test_line``).
 
     python3 tests/readme_blocks.py test-line   # prints the README's test command
     python3 tests/readme_blocks.py list        # lists the blocks (and those not run)
@@ -70,7 +70,7 @@ def runnable(code: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_line(text: str | None = None) -> str:
+def readme_test_line(text: str | None = None) -> str:
     """The README's test command: the line of its first ```bash block that runs pytest."""
     first = blocks(text)[0]
     found = [ln.split("#")[0].strip() for ln in first.code.splitlines() if PYTEST in ln]
@@ -86,7 +86,7 @@ def _quote(s: str) -> str:
 
 def main(argv: list[str]) -> int:
     if argv == ["test-line"]:
-        print(test_line())
+        print(readme_test_line())
         return 0
     if argv == ["list"]:
         for b in blocks():

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from readme_blocks import Block, blocks, runnable, test_line
+from readme_blocks import Block, blocks, readme_test_line, runnable
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -171,7 +171,7 @@ def test_every_block_is_run_or_marked():
 
 
 def test_ci_runs_the_readme_test_line():
-    line = test_line()
+    line = readme_test_line()
     assert line.endswith("python -m pytest -q") and "pip install" in line
     assert "readme_blocks.py test-line" in (REPO / ".ci" / "run").read_text()
 
