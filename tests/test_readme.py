@@ -140,6 +140,13 @@ def scratch(tmp_path_factory):
     return {"root": root, "work": work, "venv": root / "venv", "failed": []}
 
 
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_block(block: Block, scratch: dict) -> subprocess.CompletedProcess:
     venv, work = scratch["venv"], scratch["work"]
     if block.number == 1:
@@ -150,13 +157,13 @@ def run_block(block: Block, scratch: dict) -> subprocess.CompletedProcess:
            "MPLBACKEND": "Agg"}
     env.pop("PYTHONPATH", None)  # the fresh environment's istn, not this one's
     log = scratch["root"] / f"block{block.number:02d}.log"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
     with open(log, "w") as f:
         proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, stdout=f,
                               stderr=subprocess.STDOUT, timeout=BLOCK_TIMEOUT_S)
     proc.stdout = log.read_text(errors="replace")
     print(f"README block {block.number} (line {block.line}): exit {proc.returncode} in "
-          f"{time.perf_counter() - t0:.0f} s; log {log}")
+          f"{time.perf_counter() - t0:.0f} s (CPU {_children_cpu_s() - cpu0:.0f} s); log {log}")
     return proc
 
 
