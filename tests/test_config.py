@@ -284,3 +284,63 @@ def test_to_dict_round_trips():
     cfg = from_dict(dict(PUBLISHED, size=[64, 48], epochs=3, refine_mode="params"))
     again = from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+# ----------------------------------------------------------------------------- example caps
+
+@pytest.fixture
+def fresh_cap_warning(monkeypatch):
+    import istn.config
+
+    monkeypatch.setattr(istn.config, "_warned_caps", set())
+
+
+def test_example_caps_cap_every_config_and_warn_once(monkeypatch, capsys, tmp_path,
+                                                     fresh_cap_warning):
+    monkeypatch.setenv("ISTN_EXAMPLE_EPOCHS", "2")
+    monkeypatch.setenv("ISTN_EXAMPLE_REFINE", "3")
+    path = tmp_path / "c.json"
+    _write_json(path, PUBLISHED)
+    cfg = load_config(path, {"epochs": 40})
+    assert (cfg.epochs, cfg.refine) == (2, 3)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("istn: warning: capping training epochs at "
+                                                    "2 (ISTN_EXAMPLE_EPOCHS) and refinement")
+    low = from_dict({"epochs": 1, "refine": 0})  # below the caps: unchanged
+    assert (low.epochs, low.refine) == (1, 0)
+    assert from_dict({}, legacy=True).epochs == 2  # checkpoints' configs too
+    assert capsys.readouterr().err == ""  # one warning per process
+
+
+def test_example_caps_unset_change_nothing(monkeypatch, capsys, fresh_cap_warning):
+    monkeypatch.setenv("ISTN_EXAMPLE_EPOCHS", "")
+    assert from_dict(dict(PUBLISHED)) == from_dict(dict(PUBLISHED)) == Config(
+        **{**PUBLISHED, "spacing": [1.0, 1.0]})
+    assert from_dict({}).epochs == 100 and capsys.readouterr().err == ""
+
+
+def test_example_refine_cap_alone(monkeypatch, capsys, fresh_cap_warning):
+    monkeypatch.setenv("ISTN_EXAMPLE_REFINE", "0")
+    cfg = from_dict({})
+    assert (cfg.epochs, cfg.refine) == (100, 0)
+    assert "refinement iterations at 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("var,value", [("ISTN_EXAMPLE_EPOCHS", "0"),
+                                       ("ISTN_EXAMPLE_EPOCHS", "two"),
+                                       ("ISTN_EXAMPLE_REFINE", "-1")])
+def test_bad_example_cap_is_named(monkeypatch, var, value, fresh_cap_warning):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(IstnError, match=var):
+        from_dict({})
+
+
+def test_example_caps_lower_the_benchmark_plan(monkeypatch, fresh_cap_warning):
+    from istn.bench import PLANS, _capped
+
+    assert _capped(PLANS["full"]) is PLANS["full"]
+    monkeypatch.setenv("ISTN_EXAMPLE_EPOCHS", "1")
+    monkeypatch.setenv("ISTN_EXAMPLE_REFINE", "0")
+    plan = _capped(PLANS["full"])
+    assert (plan["epochs"], plan["brief_epochs"], plan["refine"]) == (1, 1, 1)
+    assert PLANS["full"]["epochs"] == 2  # the plan itself is left alone

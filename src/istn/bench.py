@@ -474,6 +474,24 @@ def _run_worker(spec: dict, folder: Path) -> dict:
     return json.loads(result_path.read_text())
 
 
+def _capped(plan: dict[str, Any]) -> dict[str, Any]:
+    """``plan`` with its epochs and iterations lowered to ``ISTN_EXAMPLE_EPOCHS`` /
+    ``ISTN_EXAMPLE_REFINE`` where set (:func:`istn.config.example_caps`; at least one
+    timed iteration); the plan itself where neither is set."""
+    from .config import example_caps
+
+    caps = example_caps()
+    if not caps:
+        return plan
+    plan = dict(plan)
+    if "epochs" in caps:
+        plan["epochs"] = min(plan["epochs"], caps["epochs"])
+        plan["brief_epochs"] = min(plan["brief_epochs"], caps["epochs"])
+    if "refine" in caps:
+        plan["refine"] = min(plan["refine"], max(1, caps["refine"]))
+    return plan
+
+
 def run(out: Path, quick: bool = False, device: str | None = None) -> dict:
     """Run the whole benchmark; write ``out/bench.json`` and return its content."""
     import torch
@@ -484,7 +502,7 @@ def run(out: Path, quick: bool = False, device: str | None = None) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("istn.bench: --device cuda but no CUDA device is available")
-    plan = PLANS["quick" if quick else "full"]
+    plan = _capped(PLANS["quick" if quick else "full"])
     t_start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {

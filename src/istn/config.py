@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,7 +317,52 @@ def from_dict(data: dict[str, Any], source: str = "config", legacy: bool = False
             f"{source}: unknown key '{unknown[0]}'; valid keys: {', '.join(_FIELDS)}"
         )
     values = {k: _check_type(k, v, source) for k, v in data.items()}
-    return validate(Config(**values), source)
+    return apply_example_caps(validate(Config(**values), source))
+
+
+# Environment variables that cap training epochs / refinement iterations, so that CI can
+# run the README's commands as written in minutes (tests/test_readme.py). Unset: no effect.
+EXAMPLE_CAP_VARS = {"epochs": "ISTN_EXAMPLE_EPOCHS", "refine": "ISTN_EXAMPLE_REFINE"}
+_warned_caps: set[tuple[tuple[str, int], ...]] = set()
+
+
+def example_caps() -> dict[str, int]:
+    """The active caps, {'epochs': N, 'refine': M} (only those set); warns once per process.
+
+    The one place that reads ``ISTN_EXAMPLE_EPOCHS`` (>= 1) and ``ISTN_EXAMPLE_REFINE``
+    (>= 0). Every config passes through it (:func:`from_dict`); ``istn.bench``, which
+    sets its own epochs and iterations, asks it directly.
+    """
+    caps = {}
+    for key, var in EXAMPLE_CAP_VARS.items():
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        low = 1 if key == "epochs" else 0
+        try:
+            caps[key] = int(raw)
+        except ValueError:
+            caps[key] = low - 1
+        if caps[key] < low:
+            raise IstnError(f"environment variable {var} must be an integer >= {low}, "
+                            f"got {raw!r}")
+    seen = tuple(sorted(caps.items()))
+    if caps and seen not in _warned_caps:
+        _warned_caps.add(seen)
+        said = " and ".join(f"{'training epochs' if k == 'epochs' else 'refinement iterations'}"
+                            f" at {v} ({EXAMPLE_CAP_VARS[k]})" for k, v in caps.items())
+        print(f"istn: warning: capping {said}: for quick checks only; unset for real runs",
+              file=sys.stderr, flush=True)
+    return caps
+
+
+def apply_example_caps(cfg: Config) -> Config:
+    """``cfg`` with ``epochs`` / ``refine`` lowered to :func:`example_caps` (unchanged if unset)."""
+    caps = example_caps()
+    for key, cap in caps.items():
+        if getattr(cfg, key) > cap:
+            setattr(cfg, key, cap)
+    return cfg
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -243,10 +243,39 @@ def do_test(args: argparse.Namespace, cfg: Config | None, device: torch.device,
 
 # ----------------------------------------------------------------------------- commands
 
+# The published istn-reg.py's defaults (relative to the working directory): its command
+# lines give neither --train nor --test and rely on them.
+PUBLISHED_DEFAULTS = {"config": "data/synth2d/config.json",
+                      "train": "data/synth2d/train.csv", "train_seg": "data/synth2d/train.seg.csv",
+                      "val": "data/synth2d/val.csv", "val_seg": "data/synth2d/val.seg.csv",
+                      "test": "data/synth2d/val.csv", "test_seg": "data/synth2d/val.seg.csv"}
+
+
+def _published_defaults(args: argparse.Namespace) -> None:
+    """Without --train and --test (2D), the published defaults whose files exist.
+
+    Only then: a command that gives --train or --test is never changed by them.
+    """
+    if args.train or args.test or args.mode3d:
+        return
+    used = []
+    for key, path in PUBLISHED_DEFAULTS.items():
+        image_list = key.split("_")[0]  # a *_seg default only beside its image list's
+        if getattr(args, key) is None and Path(path).is_file() and (
+                key == image_list or getattr(args, image_list) == PUBLISHED_DEFAULTS[image_list]):
+            setattr(args, key, path)
+            used.append(f"--{key} {path}")
+    if args.train or args.test:
+        say(f"istn-reg: no --train or --test given: the published defaults {', '.join(used)}")
+
+
 def cmd_reg(args: argparse.Namespace) -> None:
     """``istn-reg``: train when --train is given, then test when --test is given."""
+    _published_defaults(args)
     if not args.train and not args.test:
-        raise IstnError("nothing to do: give --train (to train) and/or --test (to test)")
+        raise IstnError("nothing to do: give --train (to train) and/or --test (to test), or "
+                        f"run where the published defaults ({PUBLISHED_DEFAULTS['train']}, "
+                        f"{PUBLISHED_DEFAULTS['val']}) exist")
     cfg = build_config(args)
     device = setup_device(args.dev)
     out = Path(args.out)
