@@ -321,7 +321,8 @@ def test_elastix_affine_beats_no_registration(brain_set):
 
 def test_benchmark_writes_json_and_table(brain_set, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bb, "available_methods",
-                        lambda: ({"none": bb.no_registration}, {"simpleitk": "test"}))
+                        lambda nonrigid=False: ({"none": bb.no_registration},
+                                                {"simpleitk": "test"}))
     assert bb.main(["--data", str(brain_set), "--out", str(tmp_path), "--skip-istn",
                     "--limit", "1"]) == 0
     report = json.loads((tmp_path / "bench_brain.json").read_text())
@@ -330,4 +331,206 @@ def test_benchmark_writes_json_and_table(brain_set, tmp_path, monkeypatch, capsy
     truth = report["summary"]["reoriented"]["truth"]
     assert truth["tre_p90"] < 1e-4 and truth["dice_gm"] > 0.85
     assert report["skipped"]["istn"] == "--skip-istn"
-    assert "| reoriented | none |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| reoriented | none |" in out
+    assert "fold %" not in out and not report["nonrigid"]  # the affine table as before
+
+
+# ------------------------------------------------------------------------------ nonrigid
+
+
+@pytest.fixture(scope="module")
+def nonrigid_set(tmp_path_factory, template) -> Path:
+    """2 test pairs at 4 mm with the B-spline deformation (no training pairs)."""
+    out = tmp_path_factory.mktemp("brain_nr")
+    return brain.generate_brain(out, 0, 2, seed=1, spacing=4.0, nonrigid=True,
+                                template=template)
+
+
+def _field(arr: np.ndarray, spacing, direction=None, origin=(3.0, -2.0, 1.0)) -> sitk.Image:
+    f = sitk.GetImageFromArray(arr.astype(np.float64), isVector=True)
+    f.SetSpacing(spacing)
+    f.SetOrigin(origin)
+    if direction is not None:
+        f.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
+    return f
+
+
+def _smooth_field(ref: sitk.Image):
+    """A smooth displacement with an analytic Jacobian, sampled at ``ref``'s voxels."""
+    from istn.export import grid_points
+
+    p = grid_points(ref)
+    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    d = np.stack([3 * np.sin(y / 15), 0.002 * x * z, 2 * np.cos(x / 20) + 0.1 * z], 1)
+    jac = np.zeros((len(p), 3, 3))
+    jac[:, 0, 1] = np.cos(y / 15) / 5
+    jac[:, 1, 0], jac[:, 1, 2] = 0.002 * z, 0.002 * x
+    jac[:, 2, 0], jac[:, 2, 2] = -np.sin(x / 20) / 10, 0.1
+    det = np.linalg.det(np.eye(3) + jac).reshape(ref.GetSize()[::-1])
+    return d.reshape(*ref.GetSize()[::-1], 3), det
+
+
+def test_jacobian_agrees_with_sitk_and_analytic():
+    from istn.export import jacobian_determinant
+
+    ref = sitk.Image([30, 24, 20], sitk.sitkUInt8)
+    ref.SetSpacing((1.0, 1.5, 2.0))
+    ref.SetOrigin((3.0, -2.0, 1.0))
+    disp, det = _smooth_field(ref)
+    field = _field(disp, ref.GetSpacing())
+    ours = jacobian_determinant(field)
+    theirs = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+    inner = (slice(1, -1),) * 3  # both take central differences inside the grid
+    np.testing.assert_allclose(ours[inner], theirs[inner], atol=1e-6)
+    np.testing.assert_allclose(ours[inner], det[inner], atol=2e-3)
+    # an oblique grid: sitk's filter ignores the direction; ours matches the analytic det
+    c, s_ = np.cos(0.4), np.sin(0.4)
+    ref.SetDirection([c, -s_, 0, s_, c, 0, 0, 0, 1])
+    disp, det = _smooth_field(ref)
+    ours = jacobian_determinant(_field(disp, ref.GetSpacing(), ref.GetDirection()))
+    np.testing.assert_allclose(ours[inner], det[inner], atol=2e-3)
+
+
+def test_deformation_quality_counts_folds_in_the_brain():
+    # d_x = A sin(k x) with A k = 2: det = 1 + 2 cos(k x) <= 0 on a third of each period
+    n, h = 80, 1.0
+    k = 2 * np.pi / 40.0
+    x = np.arange(n) * h
+    disp = np.zeros((10, 12, n, 3))
+    disp[..., 0] = (2 / k) * np.sin(k * x)
+    field = _field(disp, (h, 2.0, 2.0), origin=(0.0, 0.0, 0.0))
+    labels = sitk.Image([n, 12, 10], sitk.sitkUInt8)
+    labels.CopyInformation(field)
+    arr = np.zeros((10, 12, n), np.uint8)
+    arr[:5, :, :] = 2  # the brain: half the slices; the other half would not count
+    arr[:5, :, n // 2:] = 1
+    lab = sitk.GetImageFromArray(arr)
+    lab.CopyInformation(field)
+    disp_out = disp.copy()
+    disp_out[5:, ..., 0] = 0.0  # outside the brain: no folding
+    q = bb.deformation_quality(bb._field_transform(_field(disp_out, (h, 2.0, 2.0),
+                                                          origin=(0.0, 0.0, 0.0))), lab)
+    # (the first and last columns take one-sided differences)
+    assert q["fold_percent"] == pytest.approx(100 / 3, abs=2.5)
+    assert q["jacobian_min"] == pytest.approx(-1.0, abs=0.02)
+    # an affine map: one determinant everywhere, nothing folded
+    aff = sitk.AffineTransform(3)
+    aff.SetMatrix([1.1, 0, 0, 0, 0.9, 0, 0, 0, 1.2])
+    q = bb.deformation_quality(aff, lab)
+    assert q["fold_percent"] == 0.0 and q["jacobian_min"] == pytest.approx(1.188)
+    assert q["log_jacobian_std"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_nonrigid_set_is_detected(nonrigid_set, brain_set):
+    assert bb.is_nonrigid(nonrigid_set) and not bb.is_nonrigid(brain_set)
+    names = set(bb.available_methods(nonrigid=True)[0]) | set(
+        bb.available_methods(nonrigid=True)[1])
+    assert {"ants-syn", "elastix-bspline"} <= names
+    assert not {"ants-syn", "elastix-bspline"} & set(bb.available_methods()[0])
+
+
+def _deformable_quality(method, nonrigid_set: Path, **kwargs) -> dict:
+    pair = bb.read_pairs(nonrigid_set / "pairs.csv")[0]
+    none = bb.score_pair(sitk.AffineTransform(3), pair)
+    tx, seconds = method(pair.src, pair.trg, 1, 0, **kwargs)
+    got = bb.score_pair(tx, pair, quality=True)
+    assert seconds > 0
+    assert np.mean(got["tre"]) < 0.5 * np.mean(none["tre"])
+    assert got["dice_gm"] > none["dice_gm"] + 0.1
+    assert 0.0 <= got["fold_percent"] < 1.0 and got["jacobian_min"] < 1.5
+    return got
+
+
+def test_ants_syn_beats_no_registration(nonrigid_set):
+    pytest.importorskip("ants")
+    _deformable_quality(bb.ants_syn, nonrigid_set)
+
+
+def test_elastix_bspline_beats_no_registration(nonrigid_set):
+    pytest.importorskip("itk")
+    # the default maps with a coarser, faster B-spline grid (the defaults take ~80 s here)
+    got = _deformable_quality(bb.elastix_bspline, nonrigid_set,
+                              bspline={"FinalGridSpacingInPhysicalUnits": 40,
+                                       "MaximumNumberOfIterations": 32,
+                                       "NumberOfSpatialSamples": 1024})
+    assert got["log_jacobian_std"] > 0  # a deformation, not an affine map
+
+
+def test_truth_quality_on_the_nonrigid_set(nonrigid_set):
+    from istn.data import read_pair_csv
+
+    pair = bb.read_pairs(nonrigid_set / "pairs.csv")[0]
+    s, t = read_pair_csv(nonrigid_set / bb.TRUTH["test"], "transforms")[0]
+    q = bb.score_pair(bb.truth_transform(s, t), pair, quality=True)
+    assert max(q["tre"]) < 0.1 and q["fold_percent"] == 0.0 and q["jacobian_min"] > 0.3
+    assert q["log_jacobian_std"] > 0.005  # the B-spline deformations of both images
+
+
+def test_nonrigid_benchmark_table(nonrigid_set, tmp_path, monkeypatch, capsys):
+    def warp(src, trg, threads=1, seed=0):  # a deformable stand-in: a zero field
+        ref = sitk.ReadImage(str(trg))
+        zero = sitk.Image(ref.GetSize(), sitk.sitkVectorFloat64, 3)
+        zero.CopyInformation(ref)
+        return sitk.DisplacementFieldTransform(zero), 0.5
+
+    monkeypatch.setattr(bb, "available_methods", lambda nonrigid=False: (
+        {"none": bb.no_registration, **({"ants-syn": warp} if nonrigid else {})}, {}))
+    assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path), "--skip-istn",
+                    "--sets", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "| set | method | Dice GM | Dice WM | TRE mean | TRE median | TRE p90 | s/pair |" \
+        " fold % | min J |" in out
+    assert "| test | none |" in out and out.split("| test | none |")[1].split("\n")[0] \
+        .endswith(" - | - |")
+    report = json.loads((tmp_path / "bench_brain.json").read_text())
+    assert report["nonrigid"] and set(report["summary"]) == {"test"}
+    syn = report["summary"]["test"]["ants-syn"]
+    assert syn["fold_percent"] == 0.0 and syn["jacobian_min"] == pytest.approx(1.0)
+    assert report["summary"]["test"]["truth"]["fold_percent"] == 0.0
+    # --baselines keeps only those; --no-nonrigid the affine table
+    assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path), "--skip-istn",
+                    "--sets", "test", "--baselines", "none", "--no-nonrigid"]) == 0
+    assert "fold %" not in capsys.readouterr().out
+
+
+def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, env):
+        calls.append(cmd)
+        if cmd[3] == "register":
+            reg = Path(cmd[cmd.index("--out") + 1])
+            for i in range(2):
+                (reg / f"{i:04d}_pair").mkdir(parents=True, exist_ok=True)
+                sitk.WriteTransform(sitk.TranslationTransform(3, (float(i), 0, 0)),
+                                    str(reg / f"{i:04d}_pair" / "transform.h5"))
+        return 4.0
+
+    monkeypatch.setattr(bb, "_run", fake_run)
+    monkeypatch.setattr(bb, "available_methods", lambda nonrigid=False: ({}, {}))
+    assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path), "--sets", "test",
+                    "--transformation", "affine+svf", "--set", "refine_mode=params",
+                    "--set", "refine=200", "--set", "refine_similarity=lncc",
+                    "--epochs", "3"]) == 0
+    train, register = calls
+    assert train[train.index("--transformation") + 1] == "affine+svf"
+    assert train[train.index("--epochs") + 1] == "3"
+    cfg = json.loads(Path(train[train.index("--config") + 1]).read_text())
+    base = json.loads((nonrigid_set / "config.json").read_text())
+    assert cfg == {**base, "refine_mode": "params", "refine": 200,
+                   "refine_similarity": "lncc"}
+    report = json.loads((tmp_path / "bench_brain.json").read_text())
+    assert report["istn"]["transformation"] == "affine+svf"
+    assert report["istn"]["overrides"]["refine"] == 200
+    istn = report["summary"]["test"]["istn"]
+    assert istn["seconds_per_pair"] == 2.0 and "fold_percent" in istn  # read from .h5
+    # a bad key fails before anything runs
+    calls.clear()
+    assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path),
+                    "--set", "no_such_key=1"]) == 2
+    assert not calls
+    with pytest.raises(IstnError, match="KEY=VALUE"):
+        bb.parse_overrides(["refine"])
+    assert bb.parse_overrides(["size=[8, 8, 8]", "refine_mode=params"]) == {
+        "size": [8, 8, 8], "refine_mode": "params"}

@@ -1,6 +1,7 @@
-"""Affine registration of the brain set (:mod:`istn.brain`): istn against SimpleITK, ANTs, elastix.
+"""Registration of the brain set (:mod:`istn.brain`): istn against SimpleITK, ANTs, elastix.
 
-``python -m istn.bench_brain --data DIR --out DIR [--epochs N] [--skip-istn]`` registers
+``python -m istn.bench_brain --data DIR --out DIR [--epochs N] [--skip-istn]
+[--transformation T] [--set KEY=VALUE ...]`` registers
 every test pair (``DIR/pairs.csv``) and the same pairs with targets stored in other
 orientations (``DIR/pairs_reoriented.csv``) with each method, then scores every method's
 transform with the same functions:
@@ -13,6 +14,15 @@ transform with the same functions:
   nearest-neighbour resampling of the labels leaves at best.
 * s/pair: the wall clock of the registration call only (images already in memory;
   for istn, the wall time of the whole ``istn register`` command divided by the pairs).
+
+A nonrigid set (``python -m istn.brain --nonrigid``: ground truth in ``*_transform.h5``;
+detected from ``test.transforms.csv``, or forced with ``--nonrigid``) adds the deformable
+baselines ANTs SyN (``ants-syn``) and elastix affine + B-spline (``elastix-bspline``)
+next to the affine ones, and per deformable method (and ``truth``) the deformation
+quality of its whole target -> source map sampled as a displacement field on the
+target's grid, over the target's brain voxels (label map > 0), see
+:func:`deformation_quality`: ``fold %`` (Jacobian determinant <= 0), ``min J`` and the
+standard deviation of log det (in the JSON).
 
 Every transform maps target (fixed) physical points to source (moving) physical points,
 as ITK resampling expects (``sitk.Resample(source, target, T)`` warps the source onto
@@ -119,16 +129,21 @@ def read_pairs(path: Path) -> list[Pair]:
     return [Pair(*(path.parent / r[k] for k in keys)) for r in rows]
 
 
-def score_pair(transform: sitk.Transform, pair: Pair) -> dict[str, float]:
-    """Dice GM, Dice WM and the landmark errors of one target -> source transform."""
+def score_pair(transform: sitk.Transform, pair: Pair, quality: bool = False
+               ) -> dict[str, float]:
+    """Dice GM, Dice WM and the landmark errors of one target -> source transform;
+    ``quality``: its :func:`deformation_quality` too."""
     from .brain import read_points_csv
 
     trg_lab = sitk.ReadImage(str(pair.trg_labels))
     warped = warp_labels(sitk.ReadImage(str(pair.src_labels)), trg_lab, transform)
     target = sitk.GetArrayFromImage(trg_lab)
     errors = tre(transform, read_points_csv(pair.trg_points), read_points_csv(pair.src_points))
-    return {"dice_gm": dice(warped, target, LABELS["gm"]),
-            "dice_wm": dice(warped, target, LABELS["wm"]), "tre": errors.tolist()}
+    out = {"dice_gm": dice(warped, target, LABELS["gm"]),
+           "dice_wm": dice(warped, target, LABELS["wm"]), "tre": errors.tolist()}
+    if quality:
+        out.update(deformation_quality(transform, trg_lab))
+    return out
 
 
 # ------------------------------------------------------------------------------ methods
@@ -228,6 +243,75 @@ def elastix_affine(src: Path, trg: Path, threads: int = 1, seed: int = 0
     return tx, dt
 
 
+def ants_syn(src: Path, trg: Path, threads: int = 1, seed: int = 0
+             ) -> tuple[sitk.Transform, float]:
+    """``ants.registration(type_of_transform='SyN')`` (its defaults: an affine stage, then
+    SyN). Its forward transforms ``[Warp.nii.gz, GenericAffine.mat]`` map a fixed (target)
+    point through the warp first, then the affine (``ants.apply_transforms`` order), so
+    the target -> source map is ``sitk.CompositeTransform([affine, warp])`` (SimpleITK
+    applies the last transform first)."""
+    import ants
+
+    fixed, moving = ants.image_read(str(trg)), ants.image_read(str(src))
+    with tempfile.TemporaryDirectory(prefix="istn-ants-") as tmp:
+        t0 = time.perf_counter()
+        res = ants.registration(fixed, moving, type_of_transform="SyN",
+                                outprefix=str(Path(tmp) / "reg_"))
+        dt = time.perf_counter() - t0
+        files = list(res["fwdtransforms"])
+        if len(files) != 2 or not files[0].endswith(".nii.gz") or not files[1].endswith(".mat"):
+            raise IstnError(f"ANTs SyN wrote {files}, expected [Warp.nii.gz, GenericAffine.mat]")
+        warp = sitk.ReadImage(files[0])
+        affine = sitk.ReadTransform(files[1])
+    tx = sitk.CompositeTransform([as_affine(affine), _field_transform(warp)])
+    return tx, dt
+
+
+def _field_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    # The constructor takes the image's buffer; the cast hands it a copy.
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def elastix_bspline(src: Path, trg: Path, threads: int = 1, seed: int = 0,
+                    bspline: dict[str, object] | None = None
+                    ) -> tuple[sitk.Transform, float]:
+    """itk-elastix with its default 'affine' then 'bspline' parameter maps (the B-spline
+    composed on the affine); the result is sampled by transformix as a displacement
+    field on the fixed (target) grid, ``T(p) - p`` with T the fixed -> moving map, and
+    returned as a ``DisplacementFieldTransform`` (the field's sampling is not counted in
+    the seconds). ``bspline``: entries replacing the B-spline map's (tests only)."""
+    import itk
+
+    fixed = itk.imread(str(trg), itk.F)
+    moving = itk.imread(str(src), itk.F)
+    params = itk.ParameterObject.New()
+    for name in ("affine", "bspline"):
+        pmap = params.GetDefaultParameterMap(name)
+        pmap["RandomSeed"] = [str(seed + 1)]
+        pmap["WriteResultImage"] = ["false"]
+        if name == "bspline":
+            for key, value in (bspline or {}).items():
+                pmap[key] = [str(v) for v in (value if isinstance(value, list | tuple)
+                                              else [value])]
+        params.AddParameterMap(pmap)
+    with tempfile.TemporaryDirectory(prefix="istn-elastix-") as tmp:
+        t0 = time.perf_counter()
+        _, result = itk.elastix_registration_method(
+            fixed, moving, parameter_object=params, log_to_console=False,
+            output_directory=tmp, number_of_threads=threads)
+        dt = time.perf_counter() - t0
+        field = itk.transformix_deformation_field(moving, result, log_to_console=False,
+                                                  output_directory=tmp)
+    arr = np.asarray(itk.array_from_image(field), dtype=np.float64)
+    reference = sitk.ReadImage(str(trg))
+    if arr.shape != (*reference.GetSize()[::-1], 3):
+        raise IstnError(f"transformix returned a field of shape {arr.shape} for a target of "
+                        f"size {reference.GetSize()}")
+    out = sitk.GetImageFromArray(arr, isVector=True)
+    out.CopyInformation(reference)
+    return sitk.DisplacementFieldTransform(out), dt
+
+
 def truth_transform(src_tf: Path, trg_tf: Path) -> sitk.Transform:
     """The ground-truth target -> source map of a pair from its images' transform files
     (:func:`istn.brain.pair_transform`; a non-affine ``*_transform.h5`` uses the
@@ -241,16 +325,66 @@ def truth_transform(src_tf: Path, trg_tf: Path) -> sitk.Transform:
                           inverse)
 
 
-def available_methods() -> tuple[dict[str, Method], dict[str, str]]:
-    """The baselines whose packages import here, and why the others are skipped."""
+# The deformable baselines: (name, module, function), run on nonrigid sets only.
+DEFORMABLE = (("ants-syn", "ants", ants_syn), ("elastix-bspline", "itk", elastix_bspline))
+BASELINES = ("none", "simpleitk", "ants", "elastix", *(name for name, _, _ in DEFORMABLE))
+
+
+def available_methods(nonrigid: bool = False) -> tuple[dict[str, Method], dict[str, str]]:
+    """The baselines whose packages import here, and why the others are skipped.
+
+    ``nonrigid``: the deformable baselines too (after the affine ones, the lower bar).
+    """
     methods: dict[str, Method] = {"none": no_registration, "simpleitk": simpleitk_affine}
     skipped = {}
-    for name, module, fn in (("ants", "ants", ants_affine), ("elastix", "itk", elastix_affine)):
+    candidates = [("ants", "ants", ants_affine), ("elastix", "itk", elastix_affine)]
+    for name, module, fn in candidates + (list(DEFORMABLE) if nonrigid else []):
         if importlib.util.find_spec(module) is None:
             skipped[name] = f"{module} is not installed (pip install istn[compare])"
         else:
             methods[name] = fn
     return methods, skipped
+
+
+def is_nonrigid(data: Path) -> bool:
+    """Whether the set's ground truth is deformable (``istn.brain --nonrigid`` writes
+    ``*_transform.h5`` files, the affine set ``*_transform.tfm``)."""
+    rows = read_pair_csv(Path(data) / TRUTH["test"], "transforms")
+    return any(str(p).endswith(".h5") for pair in rows for p in pair)
+
+
+# ------------------------------------------------------------------ deformation quality
+
+
+def displacement_on(transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
+    """``T(p) - p`` at every voxel centre of ``reference`` (vector float64 image)."""
+    return sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
+        reference.GetSpacing(), reference.GetDirection())
+
+
+def deformation_quality(transform: sitk.Transform, target_labels: sitk.Image
+                        ) -> dict[str, float]:
+    """Jacobian determinant of the whole target -> source map over the target's brain.
+
+    The map is sampled as a displacement field on the label map's grid
+    (:func:`displacement_on`); the determinant ``det(I + dd/dp)`` in physical units
+    (:func:`istn.export.jacobian_determinant`: central differences, direction and
+    spacing respected) is taken at the voxels with label > 0. Returns ``fold_percent``
+    (% of those voxels with det <= 0), ``jacobian_min`` and ``log_jacobian_std`` (over
+    the voxels with det > 0). An affine map has one determinant everywhere (std 0).
+    """
+    from .export import jacobian_determinant
+
+    det = jacobian_determinant(displacement_on(transform, target_labels))
+    brain = sitk.GetArrayFromImage(target_labels) > 0
+    if not brain.any():
+        raise IstnError("the target label map has no brain voxels (label > 0)")
+    d = det[brain]
+    positive = d[d > 0]
+    return {"fold_percent": float(100.0 * (d <= 0).mean()), "jacobian_min": float(d.min()),
+            "log_jacobian_std": float(np.log(positive).std()) if positive.size else
+            float("nan")}
 
 
 # ---------------------------------------------------------------------------------- istn
@@ -266,33 +400,72 @@ def _run(cmd: list[str], env: dict[str, str]) -> float:
 
 
 def istn_transforms(reg_dir: Path, n: int) -> list[sitk.Transform]:
-    """The ``transform.tfm`` of each pair folder ``NNNN_<name>`` that ``istn register
-    --pairs`` writes (target -> source, physical)."""
+    """The transform of each pair folder ``NNNN_<name>`` that ``istn register --pairs``
+    writes (target -> source, physical): ``transform.tfm`` (affine models, as a plain
+    ``AffineTransform``), else ``transform.h5`` (every model; non-linear ones)."""
     out = []
     for i in range(n):
         found = sorted(reg_dir.glob(f"{i:04d}_*/transform.tfm"))
+        if not found:
+            h5 = sorted(reg_dir.glob(f"{i:04d}_*/transform.h5"))
+            if len(h5) == 1:
+                out.append(sitk.ReadTransform(str(h5[0])))
+                continue
         if len(found) != 1:
-            raise IstnError(f"expected one {reg_dir}/{i:04d}_*/transform.tfm, found {len(found)}")
+            raise IstnError(f"expected one {reg_dir}/{i:04d}_*/transform.tfm (or transform.h5), "
+                            f"found {len(found)}")
         out.append(as_affine(sitk.ReadTransform(str(found[0]))))
     return out
 
 
-def run_istn(data: Path, out: Path, epochs: int, threads: int, seed: int
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings as config overrides; a VALUE that parses as JSON (numbers,
+    true/false/null, lists) is taken as such, any other as a string."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise IstnError(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def istn_config(data: Path, out: Path, overrides: dict[str, object]) -> Path:
+    """The set's ``config.json`` with ``overrides`` applied (checked by
+    :func:`istn.config.load_config`), written to ``out/istn_config.json``."""
+    from .config import load_config
+
+    base = json.loads((data / "config.json").read_text())
+    load_config(data / "config.json", dict(overrides))  # unknown keys / bad values: IstnError
+    path = out / "istn_config.json"
+    write_text(json.dumps({**base, **overrides}, indent=2) + "\n", path)
+    return path
+
+
+def run_istn(data: Path, out: Path, epochs: int, threads: int, seed: int,
+             transformation: str = "affine", overrides: dict[str, object] | None = None,
+             sets: Sequence[str] = tuple(SETS)
              ) -> tuple[dict[str, list[sitk.Transform]], dict[str, float], float]:
-    """Train ISTN-i affine through the command line, then register both test sets.
+    """Train ISTN-i (``transformation``, the set's config with ``overrides``) through the
+    command line, then register the test sets ``sets`` (default both).
 
     Returns the transforms per set, the seconds per pair per set (the register command's
     wall time / pairs, model loading and file writing included) and the training seconds.
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     exe = [sys.executable, "-m", "istn"]
-    train_s = _run([*exe, "train", "--config", str(data / "config.json"), "--loss", "i",
-                    "--transformation", "affine", "--train", str(data / "train.csv"),
+    config = istn_config(data, out, overrides or {})
+    train_s = _run([*exe, "train", "--config", str(config), "--loss", "i",
+                    "--transformation", transformation, "--train", str(data / "train.csv"),
                     "--train_seg", str(data / "train.seg.csv"), "--out", str(out / "istn"),
                     "--epochs", str(epochs), "--seed", str(seed), "--overwrite", "--quiet"], env)
     transforms, seconds = {}, {}
-    for name, csv_name in SETS.items():
-        pairs_csv = data / csv_name
+    for name in sets:
+        pairs_csv = data / SETS[name]
         n = len(read_pairs(pairs_csv))
         reg = out / ("istn_reg" if name == "test" else f"istn_reg_{name}")
         wall = _run([*exe, "register", "--model", str(out / "istn" / "train" / "model"),
@@ -309,45 +482,89 @@ def run_istn(data: Path, out: Path, epochs: int, threads: int, seed: int
 def aggregate(rows: list[dict]) -> dict[str, float]:
     """Mean Dice per tissue over pairs, TRE statistics over all landmarks, mean s/pair."""
     errors = np.concatenate([np.asarray(r["tre"]) for r in rows])
-    return {"dice_gm": float(np.nanmean([r["dice_gm"] for r in rows])),
-            "dice_wm": float(np.nanmean([r["dice_wm"] for r in rows])),
-            **{f"tre_{k}": v for k, v in summarise(errors).items()},
-            "seconds_per_pair": float(np.mean([r["seconds"] for r in rows])),
-            "pairs": len(rows)}
+    out = {"dice_gm": float(np.nanmean([r["dice_gm"] for r in rows])),
+           "dice_wm": float(np.nanmean([r["dice_wm"] for r in rows])),
+           **{f"tre_{k}": v for k, v in summarise(errors).items()},
+           "seconds_per_pair": float(np.mean([r["seconds"] for r in rows])),
+           "pairs": len(rows)}
+    if all("fold_percent" in r for r in rows):
+        # fold %: the mean over pairs; min J: the smallest of any pair
+        out["fold_percent"] = float(np.mean([r["fold_percent"] for r in rows]))
+        out["fold_percent_max"] = float(np.max([r["fold_percent"] for r in rows]))
+        out["jacobian_min"] = float(np.min([r["jacobian_min"] for r in rows]))
+        out["log_jacobian_std"] = float(np.nanmean([r["log_jacobian_std"] for r in rows]))
+    return out
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-    """One row per (set, method): Dice GM, Dice WM, TRE mean/median/p90 (mm), s/pair."""
-    lines = ["| set | method | Dice GM | Dice WM | TRE mean | TRE median | TRE p90 | s/pair |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """One row per (set, method): Dice GM, Dice WM, TRE mean/median/p90 (mm), s/pair;
+    when any method has deformation figures also ``fold %`` (mean over pairs, 4
+    decimals) and ``min J`` (the smallest of any pair), ``-`` for methods without."""
+    deformable = any("fold_percent" in s for ms in results.values() for s in ms.values())
+    head = "| set | method | Dice GM | Dice WM | TRE mean | TRE median | TRE p90 | s/pair |"
+    lines = [head + (" fold % | min J |" if deformable else ""),
+             "| --- " * (10 if deformable else 8) + "|"]
     for set_name, methods in results.items():
         for name, s in methods.items():
-            lines.append(f"| {set_name} | {name} | {s['dice_gm']:.3f} | {s['dice_wm']:.3f} | "
-                         f"{s['tre_mean']:.2f} | {s['tre_median']:.2f} | {s['tre_p90']:.2f} | "
-                         f"{s['seconds_per_pair']:.1f} |")
+            row = (f"| {set_name} | {name} | {s['dice_gm']:.3f} | {s['dice_wm']:.3f} | "
+                   f"{s['tre_mean']:.2f} | {s['tre_median']:.2f} | {s['tre_p90']:.2f} | "
+                   f"{s['seconds_per_pair']:.1f} |")
+            if deformable:
+                row += (f" {s['fold_percent']:.4f} | {s['jacobian_min']:.3f} |"
+                        if "fold_percent" in s else " - | - |")
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 
 def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = False,
-                  threads: int = 1, seed: int = 0, limit: int | None = None) -> dict:
-    """Register and score every set with every available method; write bench_brain.json."""
+                  threads: int = 1, seed: int = 0, limit: int | None = None,
+                  nonrigid: bool | None = None, transformation: str = "affine",
+                  overrides: dict[str, object] | None = None,
+                  sets: Sequence[str] | None = None,
+                  baselines: Sequence[str] | None = None) -> dict:
+    """Register and score every set with every available method; write bench_brain.json.
+
+    ``nonrigid``: add the deformable baselines and the deformation quality (None: when
+    the set's ground truth is deformable, :func:`is_nonrigid`). ``transformation`` and
+    ``overrides`` (config keys) go to ``istn train``. ``sets``: a subset of ``test``,
+    ``reoriented`` (default both). ``baselines``: the baselines to run, of
+    :data:`BASELINES` (default every one that applies and is installed).
+    """
     data, out = Path(data), Path(out)
+    overrides = dict(overrides or {})
     out.mkdir(parents=True, exist_ok=True)
-    methods, skipped = available_methods()
-    sets = {name: read_pairs(data / csv_name)[:limit] for name, csv_name in SETS.items()}
-    per_pair: dict[str, dict[str, list[dict]]] = {name: {} for name in sets}
-    for set_name, pairs in sets.items():
+    nonrigid = is_nonrigid(data) if nonrigid is None else bool(nonrigid)
+    names = list(SETS) if sets is None else list(sets)
+    unknown = [n for n in names if n not in SETS]
+    if unknown or not names:
+        raise IstnError(f"unknown set {unknown or names}; choose from {', '.join(SETS)}")
+    if not skip_istn:
+        if limit is not None:
+            raise IstnError("--limit cannot be combined with istn (it registers whole CSVs)")
+        istn_config(data, out, overrides)  # a bad --set fails before the baselines run
+    wanted = list(BASELINES) if baselines is None else list(baselines)
+    unknown = [m for m in wanted if m not in BASELINES]
+    if unknown:
+        raise IstnError(f"unknown baseline {unknown}; choose from {', '.join(BASELINES)}")
+    methods, skipped = available_methods(nonrigid)
+    for name in [m for m in methods if m not in wanted]:
+        del methods[name]
+        skipped[name] = "not in --baselines"
+    deformable = {name for name, _, _ in DEFORMABLE}
+    sets_ = {name: read_pairs(data / SETS[name])[:limit] for name in names}
+    per_pair: dict[str, dict[str, list[dict]]] = {name: {} for name in sets_}
+    for set_name, pairs in sets_.items():
         # The ground truth scored the same way: the ceiling the label resampling leaves.
         truth = read_pair_csv(data / TRUTH[set_name], "transforms")[: len(pairs)]
         per_pair[set_name]["truth"] = [
-            {**score_pair(truth_transform(s, t), pair), "seconds": 0.0,
+            {**score_pair(truth_transform(s, t), pair, nonrigid), "seconds": 0.0,
              "source": str(pair.src), "target": str(pair.trg)}
             for (s, t), pair in zip(truth, pairs, strict=True)]
         for name, method in methods.items():
             rows = []
             for pair in pairs:
                 tx, seconds = method(pair.src, pair.trg, threads, seed)
-                rows.append({**score_pair(tx, pair), "seconds": seconds,
+                rows.append({**score_pair(tx, pair, name in deformable), "seconds": seconds,
                              "source": str(pair.src), "target": str(pair.trg)})
             per_pair[set_name][name] = rows
             print(f"{set_name}: {name} done", flush=True)
@@ -355,18 +572,20 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
     if skip_istn:
         skipped["istn"] = "--skip-istn"
     else:
-        if limit is not None:
-            raise IstnError("--limit cannot be combined with istn (it registers whole CSVs)")
-        transforms, seconds, train_s = run_istn(data, out, epochs, threads, seed)
-        for set_name, pairs in sets.items():
+        transforms, seconds, train_s = run_istn(data, out, epochs, threads, seed,
+                                                transformation, overrides, names)
+        linear = transformation == "affine"
+        for set_name, pairs in sets_.items():
             per_pair[set_name]["istn"] = [
-                {**score_pair(tx, pair), "seconds": seconds[set_name],
-                 "source": str(pair.src), "target": str(pair.trg)}
+                {**score_pair(tx, pair, nonrigid and not linear),
+                 "seconds": seconds[set_name], "source": str(pair.src),
+                 "target": str(pair.trg)}
                 for tx, pair in zip(transforms[set_name], pairs, strict=True)]
-        istn_info = {"epochs": epochs, "train_seconds": train_s,
+        istn_info = {"epochs": epochs, "transformation": transformation,
+                     "overrides": overrides, "train_seconds": train_s,
                      "seconds_per_pair": "istn register wall time / pairs (whole command)"}
     summary = {s: {m: aggregate(rows) for m, rows in ms.items()} for s, ms in per_pair.items()}
-    report = {"data": str(data), "threads": threads, "seed": seed,
+    report = {"data": str(data), "threads": threads, "seed": seed, "nonrigid": nonrigid,
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
               + f", {os.cpu_count()} CPUs", "skipped": skipped, "istn": istn_info,
               "summary": summary, "pairs": per_pair}
@@ -375,14 +594,31 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m istn.bench_brain --data DIR --out DIR [--epochs N] [--skip-istn]``."""
+    """``python -m istn.bench_brain --data DIR --out DIR [--epochs N] [--skip-istn] ...``."""
+    from .spatial import TRANSFORMATIONS
+
     p = argparse.ArgumentParser(prog="python -m istn.bench_brain",
-                                description="affine brain MRI benchmark: istn, SimpleITK, "
-                                "ANTs, elastix on the istn.brain set")
+                                description="brain MRI benchmark: istn, SimpleITK, ANTs, "
+                                "elastix on the istn.brain set (affine; on a nonrigid set "
+                                "also ANTs SyN and elastix B-spline)")
     p.add_argument("--data", required=True, help="folder written by python -m istn.brain")
     p.add_argument("--out", required=True, help="output folder (bench_brain.json)")
     p.add_argument("--epochs", type=int, default=10, help="istn training epochs (default 10)")
     p.add_argument("--skip-istn", dest="skip_istn", action="store_true")
+    p.add_argument("--transformation", choices=list(TRANSFORMATIONS), default="affine",
+                   help="istn's transformation model (default affine)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a key of the set's config.json for "
+                   "istn train (repeatable; VALUE as JSON where it parses, e.g. "
+                   "--set refine=200 --set refine_mode=params)")
+    p.add_argument("--nonrigid", action=argparse.BooleanOptionalAction, default=None,
+                   help="deformable baselines and folding figures (default: when the set's "
+                   "ground truth is deformable, *_transform.h5)")
+    p.add_argument("--sets", nargs="+", choices=list(SETS), default=None,
+                   help="the test sets to register (default both)")
+    p.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=None,
+                   help="the baselines to run (default all that apply and are installed; "
+                   "e.g. --baselines none for an istn-only run)")
     p.add_argument("--threads", type=int, default=1, help="threads per method (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N pairs per set only "
@@ -393,7 +629,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("ANTS_RANDOM_SEED", str(args.seed + 1))
     try:
         report = run_benchmark(Path(args.data), Path(args.out), args.epochs, args.skip_istn,
-                               args.threads, args.seed, args.limit)
+                               args.threads, args.seed, args.limit, args.nonrigid,
+                               args.transformation, parse_overrides(args.overrides),
+                               args.sets, args.baselines)
     except IstnError as e:
         print(f"error: {e}")
         return 2
