@@ -23,6 +23,7 @@ def _isolated_istn_cache(_istn_cache_root, monkeypatch):
     # the caps of the README examples (tests/test_readme.py sets them for its blocks)
     monkeypatch.delenv("ISTN_EXAMPLE_EPOCHS", raising=False)
     monkeypatch.delenv("ISTN_EXAMPLE_REFINE", raising=False)
+    monkeypatch.delenv("ISTN_EXAMPLE_PAIRS", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ from readme_blocks import Block, blocks, readme_test_line, runnable
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-CAPS = {"ISTN_EXAMPLE_EPOCHS": "1", "ISTN_EXAMPLE_REFINE": "2"}
+CAPS = {"ISTN_EXAMPLE_EPOCHS": "1", "ISTN_EXAMPLE_REFINE": "2", "ISTN_EXAMPLE_PAIRS": "2"}
 BLOCKS = blocks()
 BLOCK_TIMEOUT_S = 900
 

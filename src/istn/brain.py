@@ -68,6 +68,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .config import example_caps
 from .errors import IstnError
 from .io import write_image, write_text, write_transform
 
@@ -447,6 +448,9 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
     ``template_points.csv`` and an istn ``config.json``.  Everything derives from
     ``seed`` (numpy ``SeedSequence``), so a rerun writes the same files.
     """
+    cap = example_caps().get("pairs")  # ISTN_EXAMPLE_PAIRS: quick checks of the examples
+    if cap is not None:
+        n_train, n_test = min(n_train, cap), min(n_test, cap)
     _check(n_train, n_test, spacing, n_landmarks)
     out = Path(out)
     if out.exists() and not out.is_dir():

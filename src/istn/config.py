@@ -322,23 +322,29 @@ def from_dict(data: dict[str, Any], source: str = "config", legacy: bool = False
 
 # Environment variables that cap training epochs / refinement iterations, so that CI can
 # run the README's commands as written in minutes (tests/test_readme.py). Unset: no effect.
-EXAMPLE_CAP_VARS = {"epochs": "ISTN_EXAMPLE_EPOCHS", "refine": "ISTN_EXAMPLE_REFINE"}
+EXAMPLE_CAP_VARS = {"epochs": "ISTN_EXAMPLE_EPOCHS", "refine": "ISTN_EXAMPLE_REFINE",
+                    "pairs": "ISTN_EXAMPLE_PAIRS"}
+_CAP_LOW = {"epochs": 1, "refine": 0, "pairs": 2}
+_CAP_WHAT = {"epochs": "training epochs", "refine": "refinement iterations",
+             "pairs": "the brain set's training and test pairs"}
 _warned_caps: set[tuple[tuple[str, int], ...]] = set()
 
 
 def example_caps() -> dict[str, int]:
-    """The active caps, {'epochs': N, 'refine': M} (only those set); warns once per process.
+    """The active caps, {'epochs': N, 'refine': M, 'pairs': P} (only those set); warns
+    once per process.
 
-    The one place that reads ``ISTN_EXAMPLE_EPOCHS`` (>= 1) and ``ISTN_EXAMPLE_REFINE``
-    (>= 0). Every config passes through it (:func:`from_dict`); ``istn.bench``, which
-    sets its own epochs and iterations, asks it directly.
+    The one place that reads ``ISTN_EXAMPLE_EPOCHS`` (>= 1), ``ISTN_EXAMPLE_REFINE``
+    (>= 0) and ``ISTN_EXAMPLE_PAIRS`` (>= 2). Every config passes through it
+    (:func:`from_dict`); ``istn.bench``, which sets its own epochs and iterations, and
+    ``istn synth brain`` (pairs) ask it directly.
     """
     caps = {}
     for key, var in EXAMPLE_CAP_VARS.items():
         raw = os.environ.get(var, "").strip()
         if not raw:
             continue
-        low = 1 if key == "epochs" else 0
+        low = _CAP_LOW[key]
         try:
             caps[key] = int(raw)
         except ValueError:
@@ -349,8 +355,8 @@ def example_caps() -> dict[str, int]:
     seen = tuple(sorted(caps.items()))
     if caps and seen not in _warned_caps:
         _warned_caps.add(seen)
-        said = " and ".join(f"{'training epochs' if k == 'epochs' else 'refinement iterations'}"
-                            f" at {v} ({EXAMPLE_CAP_VARS[k]})" for k, v in caps.items())
+        said = " and ".join(f"{_CAP_WHAT[k]} at {v} ({EXAMPLE_CAP_VARS[k]})"
+                            for k, v in caps.items())
         print(f"istn: warning: capping {said}: for quick checks only; unset for real runs",
               file=sys.stderr, flush=True)
     return caps
@@ -360,7 +366,7 @@ def apply_example_caps(cfg: Config) -> Config:
     """``cfg`` with ``epochs`` / ``refine`` lowered to :func:`example_caps` (unchanged if unset)."""
     caps = example_caps()
     for key, cap in caps.items():
-        if getattr(cfg, key) > cap:
+        if key in ("epochs", "refine") and getattr(cfg, key) > cap:
             setattr(cfg, key, cap)
     return cfg
 
