@@ -511,7 +511,7 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
     monkeypatch.setattr(bb, "available_methods", lambda nonrigid=False: ({}, {}))
     assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path), "--sets", "test",
                     "--transformation", "affine+svf", "--set", "refine_mode=params",
-                    "--set", "refine=200", "--set", "refine_similarity=lncc",
+                    "--set", "refine=200", "--set", "refine_similarity=mi",
                     "--epochs", "3"]) == 0
     train, register = calls
     assert train[train.index("--transformation") + 1] == "affine+svf"
@@ -519,7 +519,7 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
     cfg = json.loads(Path(train[train.index("--config") + 1]).read_text())
     base = json.loads((nonrigid_set / "config.json").read_text())
     assert cfg == {**base, "refine_mode": "params", "refine": 200,
-                   "refine_similarity": "lncc"}
+                   "refine_similarity": "mi"}
     report = json.loads((tmp_path / "bench_brain.json").read_text())
     assert report["istn"]["transformation"] == "affine+svf"
     assert report["istn"]["overrides"]["refine"] == 200
