@@ -534,3 +534,19 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
         bb.parse_overrides(["refine"])
     assert bb.parse_overrides(["size=[8, 8, 8]", "refine_mode=params"]) == {
         "size": [8, 8, 8], "refine_mode": "params"}
+
+
+def test_example_pairs_cap_shrinks_the_set_and_warns(tmp_path, template, monkeypatch, capsys):
+    import istn.config
+
+    monkeypatch.setattr(istn.config, "_warned_caps", set())
+    monkeypatch.setenv("ISTN_EXAMPLE_PAIRS", "2")
+    out = brain.generate_brain(tmp_path / "b", n_train=3, n_test=3, seed=1, spacing=SPACING,
+                               template=template)
+    assert len((out / "train.csv").read_text().splitlines()) == 1 + 2
+    assert len((out / "pairs.csv").read_text().splitlines()) == 1 + 2
+    assert "the brain set's training and test pairs at 2 (ISTN_EXAMPLE_PAIRS)" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("ISTN_EXAMPLE_PAIRS", "1")  # a derangement needs two images
+    with pytest.raises(IstnError, match="ISTN_EXAMPLE_PAIRS"):
+        brain.generate_brain(tmp_path / "c", n_train=3, n_test=3, template=template)
