@@ -195,3 +195,37 @@ def test_refinement_on_finer_images_recovers_a_sub_voxel_shift():
     theta = refine(model, zero, zero, settings, progress=False, images=(src, trg))
     got = theta[0, :, 3] * (torch.tensor(fine, dtype=torch.float32) - 1) / 2
     np.testing.assert_allclose(got.numpy(), shift, atol=0.15)
+
+
+def test_istn_test_and_register_refine_on_finer_images(tmp_path):
+    """``refine_resolution`` 2 through the test path (evaluate) and the register path."""
+    import SimpleITK as sitk
+
+    from istn.data import load_pair_lists
+    from istn.engine.evaluate import evaluate
+    from istn.engine.register import read_inputs, register_inputs
+
+    shape = [36, 36, 36]
+    over = {"size": shape, "spacing": [2.0] * 3, "refine": 30, "refine_mode": "params",
+            "refine_inputs": "images", "refine_samples": 2000, "refine_levels": 2,
+            "refine_resolution": 2, "refine_learning_rate": 0.01}
+    cfg = load_config(None, over)
+    torch.manual_seed(0)
+    model = Model.build(cfg, "u", "affine")
+    model.train(False)
+
+    def image(shift):
+        img = sitk.GetImageFromArray(_blobs([48, 48, 48], shift)[0, 0].numpy())
+        img.SetSpacing([1.5] * 3)
+        return img
+
+    src, trg = image((3.0, 0.0, 0.0)), image((0.0, 0.0, 0.0))
+    ps = load_pair_lists(cfg, [(src, trg)])
+    res = evaluate(model, ps, torch.device("cpu"), RefineSettings.from_config(cfg),
+                   progress=False)
+    assert res.after_refinement is not None
+    reg = register_inputs(model, [read_inputs((src, trg), (None, None), (None, None), None)],
+                          torch.device("cpu"), 30, progress=False)[0]
+    # the source holds the pattern 3 voxels (4.5 mm) further along x: target x -> x + 4.5
+    moved = np.array(reg.transform.TransformPoint((30.0, 36.0, 36.0)))
+    np.testing.assert_allclose(moved, (34.5, 36.0, 36.0), atol=0.5)
