@@ -74,7 +74,8 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
     """Refined transformation parameters for every pair (the ITN outputs are fixed).
 
     ``images`` (source, target) are what the loss compares when ``settings.inputs`` is
-    'images'; S', T' otherwise.
+    'images' or 'local' (on the network grid, or on a grid ``refine_resolution`` times
+    finer with the same normalised coordinates); S', T' otherwise.
     """
     if settings.inputs != "primes" and images is None:
         raise ValueError(f"refinement on '{settings.inputs}' needs the images")
@@ -96,26 +97,34 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
             s_p, t_p = src_prime[part].detach(), trg_prime[part].detach()
             s_l, t_l = ((images[0][part].detach(), images[1][part].detach())
                         if settings.inputs != "primes" else (s_p, t_p))
-            if settings.inputs == "local":
-                s_l, t_l = local_standardise(s_l), local_standardise(t_l)
-            params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
-            finer = round((t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1))
-            for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
-                                    strict=True):
-                s_k, t_k = level_input(s_l, sigma, finer), level_input(t_l, sigma, finer)
-                if settings.samples:
-                    points, values = sample_voxels(t_k, settings.samples, seed=i)
-                    loss = partial(_sampled_losses, model, s_k, points, values, sim)
-                else:
-                    loss = partial(_pair_losses, model, s_k, t_k, sim)
-                _optimise(params_now, opt, loss, steps, settings.tolerance, bar)
-            with torch.no_grad():
-                out.append(params_now().detach())
+            out.append(_refine_chunk(model, s_p, t_p, s_l, t_l, settings, sim, i, bar))
     finally:
         bar.close()
         if flush:
             torch.set_flush_denormal(False)  # leave the process as found
     return torch.cat(out)
+
+
+def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch.Tensor,
+                  t_l: torch.Tensor, settings: RefineSettings, sim: Similarity, seed: int,
+                  bar) -> torch.Tensor:
+    """The refined parameters of one chunk of pairs: S', T' feed the STN, ``s_l``/``t_l``
+    are compared (level by level, on sampled voxels when ``settings.samples``)."""
+    if settings.inputs == "local":
+        s_l, t_l = local_standardise(s_l), local_standardise(t_l)
+    params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
+    finer = round((t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1))
+    for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
+                            strict=True):
+        s_k, t_k = level_input(s_l, sigma, finer), level_input(t_l, sigma, finer)
+        if settings.samples:
+            points, values = sample_voxels(t_k, settings.samples, seed=seed)
+            loss = partial(_sampled_losses, model, s_k, points, values, sim)
+        else:
+            loss = partial(_pair_losses, model, s_k, t_k, sim)
+        _optimise(params_now, opt, loss, steps, settings.tolerance, bar)
+    with torch.no_grad():
+        return params_now().detach()
 
 
 def _pair_losses(model: Model, src: torch.Tensor, trg: torch.Tensor, sim: Similarity,
