@@ -217,21 +217,7 @@ def elastix_affine(src: Path, trg: Path, threads: int = 1, seed: int = 0
                    ) -> tuple[sitk.Transform, float]:
     """itk-elastix with its default 'affine' parameter map; elastix's transform maps fixed
     (target) points to moving (source) points: ``A (x - c) + c + t``."""
-    import itk
-
-    fixed = itk.imread(str(trg), itk.F)
-    moving = itk.imread(str(src), itk.F)
-    params = itk.ParameterObject.New()
-    pmap = params.GetDefaultParameterMap("affine")
-    pmap["RandomSeed"] = [str(seed + 1)]
-    pmap["WriteResultImage"] = ["false"]
-    params.AddParameterMap(pmap)
-    with tempfile.TemporaryDirectory(prefix="istn-elastix-") as tmp:
-        t0 = time.perf_counter()
-        _, result = itk.elastix_registration_method(
-            fixed, moving, parameter_object=params, log_to_console=False,
-            output_directory=tmp, number_of_threads=threads)
-        dt = time.perf_counter() - t0
+    _, result, dt = _elastix(src, trg, ("affine",), threads, seed)
     rmap = result.GetParameterMap(0)
     if rmap["Transform"][0] != "AffineTransform":
         raise IstnError(f"elastix returned a {rmap['Transform'][0]}, expected AffineTransform")
@@ -241,6 +227,33 @@ def elastix_affine(src: Path, trg: Path, threads: int = 1, seed: int = 0
     tx.SetTranslation(p[9:12].tolist())
     tx.SetCenter([float(v) for v in rmap["CenterOfRotationPoint"]])
     return tx, dt
+
+
+def _elastix(src: Path, trg: Path, maps: Sequence[str], threads: int, seed: int,
+             overrides: dict[str, dict[str, object]] | None = None):
+    """Run elastix with its default parameter maps ``maps`` (in order; entries of
+    ``overrides[name]`` replace those of map ``name``): (moving image, result parameter
+    object, seconds of the registration call)."""
+    import itk
+
+    fixed = itk.imread(str(trg), itk.F)
+    moving = itk.imread(str(src), itk.F)
+    params = itk.ParameterObject.New()
+    for name in maps:
+        pmap = params.GetDefaultParameterMap(name)
+        pmap["RandomSeed"] = [str(seed + 1)]
+        pmap["WriteResultImage"] = ["false"]
+        for key, value in (overrides or {}).get(name, {}).items():
+            pmap[key] = [str(v) for v in (value if isinstance(value, list | tuple)
+                                          else [value])]
+        params.AddParameterMap(pmap)
+    with tempfile.TemporaryDirectory(prefix="istn-elastix-") as tmp:
+        t0 = time.perf_counter()
+        _, result = itk.elastix_registration_method(
+            fixed, moving, parameter_object=params, log_to_console=False,
+            output_directory=tmp, number_of_threads=threads)
+        dt = time.perf_counter() - t0
+    return moving, result, dt
 
 
 def ants_syn(src: Path, trg: Path, threads: int = 1, seed: int = 0
@@ -282,24 +295,9 @@ def elastix_bspline(src: Path, trg: Path, threads: int = 1, seed: int = 0,
     the seconds). ``bspline``: entries replacing the B-spline map's (tests only)."""
     import itk
 
-    fixed = itk.imread(str(trg), itk.F)
-    moving = itk.imread(str(src), itk.F)
-    params = itk.ParameterObject.New()
-    for name in ("affine", "bspline"):
-        pmap = params.GetDefaultParameterMap(name)
-        pmap["RandomSeed"] = [str(seed + 1)]
-        pmap["WriteResultImage"] = ["false"]
-        if name == "bspline":
-            for key, value in (bspline or {}).items():
-                pmap[key] = [str(v) for v in (value if isinstance(value, list | tuple)
-                                              else [value])]
-        params.AddParameterMap(pmap)
-    with tempfile.TemporaryDirectory(prefix="istn-elastix-") as tmp:
-        t0 = time.perf_counter()
-        _, result = itk.elastix_registration_method(
-            fixed, moving, parameter_object=params, log_to_console=False,
-            output_directory=tmp, number_of_threads=threads)
-        dt = time.perf_counter() - t0
+    moving, result, dt = _elastix(src, trg, ("affine", "bspline"), threads, seed,
+                                  {"bspline": bspline or {}})
+    with tempfile.TemporaryDirectory(prefix="istn-transformix-") as tmp:
         field = itk.transformix_deformation_field(moving, result, log_to_console=False,
                                                   output_directory=tmp)
     arr = np.asarray(itk.array_from_image(field), dtype=np.float64)
