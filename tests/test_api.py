@@ -67,3 +67,11 @@ def test_in_memory_images_register_without_touching_the_disk(tmp_path, monkeypat
     # a numpy array has unit geometry, as these PNGs do: the same registration
     np.testing.assert_allclose(sitk.GetArrayFromImage(arr.warped),
                                sitk.GetArrayFromImage(res.warped), atol=1e-4)
+    # warp=False: the same transform, nothing warped, no overlap metrics
+    seg = sitk.ReadImage(str(d / "test" / "V_square_source1_seg.png"))
+    bare = istn.register(model, source=src, target=trg, refine=3, warp=False,
+                         source_seg=seg, target_seg=seg)
+    assert bare.warped is None and bare.warped_seg is None and "labels" not in bare.metrics
+    p = [10.0, 20.0]
+    np.testing.assert_allclose(bare.transform.TransformPoint(p), res.transform.TransformPoint(p),
+                               atol=1e-9)

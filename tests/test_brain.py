@@ -507,7 +507,11 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
                                     str(reg / f"{i:04d}_pair" / "transform.h5"))
         return 4.0
 
+    def fake_timing(model_dir, pairs, threads):  # the in-process call: other transforms
+        return 1.5, [sitk.TranslationTransform(3, (float(i), 0, 0.5)) for i in range(len(pairs))]
+
     monkeypatch.setattr(bb, "_run", fake_run)
+    monkeypatch.setattr(bb, "time_registration", fake_timing)
     monkeypatch.setattr(bb, "available_methods", lambda nonrigid=False: ({}, {}))
     assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path), "--sets", "test",
                     "--transformation", "affine+svf", "--set", "refine_mode=params",
@@ -524,7 +528,10 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
     assert report["istn"]["transformation"] == "affine+svf"
     assert report["istn"]["overrides"]["refine"] == 200
     istn = report["summary"]["test"]["istn"]
-    assert istn["seconds_per_pair"] == 2.0 and "fold_percent" in istn  # read from .h5
+    assert istn["seconds_per_pair"] == 1.5 and "fold_percent" in istn  # read from .h5
+    timing = report["istn"]["timing"]["test"]
+    assert timing["command_seconds_per_pair"] == 2.0
+    assert timing["max_difference_mm"] == pytest.approx(0.5)
     # a bad key fails before anything runs
     calls.clear()
     assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path),

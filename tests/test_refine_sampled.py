@@ -118,7 +118,7 @@ def test_samples_with_lncc_are_refused_naming_the_key():
 
 
 def test_gaussian_blur_matches_scipy_inside_and_keeps_constants_at_the_borders():
-    from istn.engine.refine import gaussian_blur
+    from istn.filters import gaussian_blur
 
     rng = np.random.default_rng(1)
     x = rng.random((18, 20, 22))

@@ -48,19 +48,22 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
 def register(model: Model, source: ImageLike, target: ImageLike, refine: int | None = None,
              source_seg: ImageLike | None = None, target_seg: ImageLike | None = None,
              source_points: Any = None, target_points: Any = None,
-             seg_threshold: float | None = None, progress: bool = False) -> Registration:
+             seg_threshold: float | None = None, progress: bool = False,
+             warp: bool = True) -> Registration:
     """Register ``source`` (moving) onto ``target`` (fixed); nothing is written to disk.
 
     ``refine`` test-time refinement iterations (default: the model's config). With
     segmentations (label maps; ``seg_threshold`` binarises soft maps) the result holds
     the warped source labels and per-label overlap metrics; with landmark points
     ([N, dim] physical arrays or CSV files, rows corresponding) the landmark error.
+    ``warp=False`` returns the transforms only (``warped``, ``warped_seg`` None, no
+    overlap metrics), which is all a registration needs when the warping is done later.
     Returns a :class:`~istn.engine.register.Registration` (``warped``, ``transform``,
     ``inverse``, ``metrics``, ...).
     """
     return register_many(model, [(source, target)], refine,
                          [(source_seg, target_seg)], [(source_points, target_points)],
-                         seg_threshold, progress)[0]
+                         seg_threshold, progress, warp)[0]
 
 
 def register_many(model: Model, pairs: Sequence[tuple[ImageLike, ImageLike]],
@@ -68,11 +71,11 @@ def register_many(model: Model, pairs: Sequence[tuple[ImageLike, ImageLike]],
                   segs: Sequence[tuple[ImageLike | None, ImageLike | None]] | None = None,
                   points: Sequence[tuple[Any, Any]] | None = None,
                   seg_threshold: float | None = None,
-                  progress: bool = False) -> list[Registration]:
+                  progress: bool = False, warp: bool = True) -> list[Registration]:
     """Register (source, target) pairs, batched through the networks and the refinement.
 
     ``segs`` and ``points`` are parallel to ``pairs`` (None entries allowed). Every
-    input is checked before anything is computed.
+    input is checked before anything is computed. ``warp`` as in :func:`register`.
     """
     if segs is not None and len(segs) != len(pairs) or \
             points is not None and len(points) != len(pairs):
@@ -84,7 +87,7 @@ def register_many(model: Model, pairs: Sequence[tuple[ImageLike, ImageLike]],
     if iterations < 0:
         raise IstnError(f"refine must be >= 0, got {iterations}")
     device = next(model.parameters()).device
-    return register_inputs(model, inputs, device, iterations, progress)
+    return register_inputs(model, inputs, device, iterations, progress, warp)
 
 
 def train(config: str | Path | None, train: str | Path, out: str | Path,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .filters import box_mean
 from .registry import Registry
 
 SIMILARITIES = Registry("similarity")
@@ -101,25 +102,6 @@ class MSE(Similarity):
         if mask is None:  # one reduction over the batch, bit-identical to the published loss
             return F.mse_loss(warped, target)
         return super().mean(warped, target, mask)
-
-
-def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over the voxels of a cubic window of ``window`` voxels per axis (same size).
-
-    At the borders the window is cut to the image (padding is not counted), so local
-    statistics there are those of the voxels that exist. The cubic mean is computed as
-    one 1-D mean per axis: a box is separable, and so is the count of its voxels inside
-    the image, so this equals the direct cubic mean (``window`` operations per voxel
-    and axis instead of ``window ** dim``).
-    """
-    dim = x.dim() - 2
-    pool = (F.avg_pool2d, F.avg_pool3d)[dim - 2]
-    for axis in range(dim):
-        kernel = [1] * dim
-        kernel[axis] = window
-        pad = [k // 2 for k in kernel]
-        x = pool(x, kernel, stride=1, padding=pad, count_include_pad=False)
-    return x
 
 
 @register_similarity("lncc")

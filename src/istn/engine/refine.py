@@ -21,8 +21,9 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..filters import box_mean, gaussian_blur
 from ..losses import refinement_loss
-from ..similarity import Similarity, box_mean, new_similarity
+from ..similarity import Similarity, new_similarity
 from ..spatial.grid import ALIGN_CORNERS
 from .model import Model
 from .per_pair import per_pair_stn
@@ -213,33 +214,6 @@ def level_input(x: torch.Tensor, sigma: float, finer: int) -> torch.Tensor:
     if finer > 1:
         x = x[(..., *[slice(None, None, finer)] * (x.dim() - 2))]
     return gaussian_blur(x, sigma)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``x`` [B, C, *spatial] (sigma in voxels; 0: x).
-
-    The kernel reaches 3 sigma; near the borders it is renormalised over the voxels
-    inside the image (no darkening from the zero padding).
-    """
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    b, c, *shape = x.shape
-    dim = len(shape)
-    conv = (F.conv2d, F.conv3d)[dim - 2]
-    out = x.reshape(b * c, 1, *shape)
-    norm = torch.ones_like(out[:1])
-    for axis in range(dim):
-        view = [1] * dim
-        view[axis] = len(kernel)
-        pad = [0] * dim
-        pad[axis] = radius
-        w = kernel.view(1, 1, *view)
-        out, norm = conv(out, w, padding=pad), conv(norm, w, padding=pad)
-    return (out / norm).view(b, c, *shape)
 
 
 def _optimise(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,

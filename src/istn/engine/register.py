@@ -138,9 +138,11 @@ class Registration:
     label map there (nearest neighbour); ``field``/``inverse_field`` the displacement
     fields of non-linear models; ``metrics`` per label (``labels``), landmark errors and
     Jacobian statistics where the inputs allow; ``params`` the network-grid parameters.
+    ``warped`` and ``warped_seg`` are None (and ``metrics`` has no ``labels``) when the
+    pair was registered with ``warp=False`` (transforms only).
     """
 
-    warped: sitk.Image
+    warped: sitk.Image | None
     transform: sitk.Transform
     inverse: sitk.Transform
     metrics: dict
@@ -152,8 +154,10 @@ class Registration:
 
 
 def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device,
-                    refine_iters: int, progress: bool = True) -> list[Registration]:
-    """Register checked in-memory pairs (networks and refinement batched over pairs)."""
+                    refine_iters: int, progress: bool = True, warp: bool = True
+                    ) -> list[Registration]:
+    """Register checked in-memory pairs (networks and refinement batched over pairs);
+    ``warp=False`` stops at the transforms (no warped images, no label metrics)."""
     ps = load_pair_lists(model.cfg, [(inp.src, inp.trg) for inp in inputs])
     src, trg = ps.src.to(device), ps.trg.to(device)
     params, s_p, t_p = predict(model, src, trg)
@@ -161,7 +165,7 @@ def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device
         params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
                         progress, images=refinement_images(model, ps, device))
     params = params.detach().cpu()
-    regs = [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i])
+    regs = [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i], warp)
             for i in range(len(inputs))]
     for reg in regs:
         reg.refined = refine_iters > 0
@@ -169,17 +173,17 @@ def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device
 
 
 def _registration(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
-                  inp: PairInputs) -> Registration:
+                  inp: PairInputs, warp: bool = True) -> Registration:
     src, trg = inp.src, inp.trg
     point_map = physical_point_map(model, params, g_src, g_trg)
     metrics: dict = {"transformation": model.transformation}
-    warped = array_to_image(warp_to_reference(src, trg, point_map), trg)
+    warped = array_to_image(warp_to_reference(src, trg, point_map), trg) if warp else None
     exported = export_transform(model, params, g_src, g_trg, trg, src)
     if exported.field is not None:
         metrics.update(jacobian_stats(exported.field))
     reg = Registration(warped, exported.transform, exported.inverse, metrics, params,
                        exported.field, exported.inverse_field)
-    if inp.src_seg is not None:
+    if warp and inp.src_seg is not None:
         labels = warp_to_reference(inp.src_seg, trg, point_map, labels=True).astype(np.int32)
         reg.warped_seg = sitk.GetImageFromArray(labels)
         reg.warped_seg.CopyInformation(trg)
