@@ -507,8 +507,10 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
                                     str(reg / f"{i:04d}_pair" / "transform.h5"))
         return 4.0
 
-    def fake_timing(model_dir, pairs, threads):  # the in-process call: other transforms
-        return 1.5, [sitk.TranslationTransform(3, (float(i), 0, 0.5)) for i in range(len(pairs))]
+    def fake_timing(model_dir, pairs, threads, refine=None):  # the in-process call
+        z = 0.5 if refine is None else 7.0  # refined: 0.5 mm off the command's; network: 7
+        return (1.5 if refine is None else 0.5), [
+            sitk.TranslationTransform(3, (float(i), 0, z)) for i in range(len(pairs))]
 
     monkeypatch.setattr(bb, "_run", fake_run)
     monkeypatch.setattr(bb, "time_registration", fake_timing)
@@ -529,6 +531,8 @@ def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
     assert report["istn"]["overrides"]["refine"] == 200
     istn = report["summary"]["test"]["istn"]
     assert istn["seconds_per_pair"] == 1.5 and "fold_percent" in istn  # read from .h5
+    network = report["summary"]["test"]["istn-network"]
+    assert network["seconds_per_pair"] == 0.5 and network["tre_mean"] > istn["tre_mean"]
     timing = report["istn"]["timing"]["test"]
     assert timing["command_seconds_per_pair"] == 2.0
     assert timing["max_difference_mm"] == pytest.approx(0.5)

@@ -449,45 +449,50 @@ def istn_config(data: Path, out: Path, overrides: dict[str, object]) -> Path:
 def run_istn(data: Path, out: Path, epochs: int, threads: int, seed: int,
              transformation: str = "affine", overrides: dict[str, object] | None = None,
              sets: Sequence[str] = tuple(SETS)
-             ) -> tuple[dict[str, list[sitk.Transform]], dict[str, dict[str, float]], float]:
+             ) -> tuple[dict[str, dict[str, list[sitk.Transform]]], dict[str, dict], float]:
     """Train ISTN-i (``transformation``, the set's config with ``overrides``) through the
     command line, then register the test sets ``sets`` (default both).
 
-    Returns the transforms per set (those the command wrote), the timings per set
-    (:func:`time_registration`'s seconds per pair, the command's wall time / pairs and the
-    largest distance between the two runs' transforms) and the training seconds.
+    Returns per set the transforms of ``istn`` (those ``istn register`` wrote, with the
+    config's refinement) and of ``istn-network`` (the networks' prediction alone,
+    ``refine`` 0); per set the timings (:func:`time_registration`'s seconds per pair of
+    both, the command's wall time / pairs, and the largest distance between the
+    command's transforms and the timed call's); and the training seconds.
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     exe = [sys.executable, "-m", "istn"]
+    model = out / "istn" / "train" / "model"
     config = istn_config(data, out, overrides or {})
     train_s = _run([*exe, "train", "--config", str(config), "--loss", "i",
                     "--transformation", transformation, "--train", str(data / "train.csv"),
                     "--train_seg", str(data / "train.seg.csv"), "--out", str(out / "istn"),
                     "--epochs", str(epochs), "--seed", str(seed), "--overwrite", "--quiet"], env)
-    transforms, seconds = {}, {}
+    transforms, timing = {}, {}
     for name in sets:
         pairs_csv = data / SETS[name]
-        n = len(read_pairs(pairs_csv))
+        pairs = read_pairs(pairs_csv)
         reg = out / ("istn_reg" if name == "test" else f"istn_reg_{name}")
-        wall = _run([*exe, "register", "--model", str(out / "istn" / "train" / "model"),
-                     "--pairs", str(pairs_csv), "--out", str(reg), "--overwrite", "--quiet"],
-                    env)
-        transforms[name] = istn_transforms(reg, n)
-        per_pair, again = time_registration(out / "istn" / "train" / "model",
-                                            read_pairs(pairs_csv), threads)
-        seconds[name] = {"seconds_per_pair": per_pair, "command_seconds_per_pair": wall / n,
-                         "max_difference_mm": max(
-                             largest_difference(a, b, p.trg) for a, b, p in
-                             zip(transforms[name], again, read_pairs(pairs_csv), strict=True))}
-    return transforms, seconds, train_s
+        wall = _run([*exe, "register", "--model", str(model), "--pairs", str(pairs_csv),
+                     "--out", str(reg), "--overwrite", "--quiet"], env)
+        written = istn_transforms(reg, len(pairs))
+        per_pair, again = time_registration(model, pairs, threads)
+        net_per_pair, network = time_registration(model, pairs, threads, refine=0)
+        transforms[name] = {"istn": written, "istn-network": network}
+        timing[name] = {"seconds_per_pair": per_pair, "network_seconds_per_pair": net_per_pair,
+                        "command_seconds_per_pair": wall / len(pairs),
+                        "max_difference_mm": max(
+                            largest_difference(a, b, p.trg)
+                            for a, b, p in zip(written, again, pairs, strict=True))}
+    return transforms, timing, train_s
 
 
-def time_registration(model_dir: Path, pairs: Sequence[Pair], threads: int
-                      ) -> tuple[float, list[sitk.Transform]]:
+def time_registration(model_dir: Path, pairs: Sequence[Pair], threads: int,
+                      refine: int | None = None) -> tuple[float, list[sitk.Transform]]:
     """Seconds per pair of istn's registration call, timed as the baselines' are: the
     model loaded and the images read first, then all pairs registered in one call of
-    ``istn.register_many(..., warp=False)`` (networks and refinement, batched) on
-    ``threads`` threads; and the transforms it found."""
+    ``istn.register_many(..., refine, warp=False)`` (networks and refinement, batched;
+    ``refine`` None: the config's iterations) on ``threads`` threads; and the
+    transforms it found."""
     import torch
 
     from . import api
@@ -497,7 +502,7 @@ def time_registration(model_dir: Path, pairs: Sequence[Pair], threads: int
     model = api.load_model(model_dir)
     images = [(sitk.ReadImage(str(p.src)), sitk.ReadImage(str(p.trg))) for p in pairs]
     t0 = time.perf_counter()
-    regs = api.register_many(model, images, warp=False)
+    regs = api.register_many(model, images, refine, warp=False)
     return (time.perf_counter() - t0) / len(pairs), [r.transform for r in regs]
 
 
@@ -607,17 +612,19 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
     if skip_istn:
         skipped["istn"] = "--skip-istn"
     else:
-        transforms, seconds, train_s = run_istn(data, out, epochs, threads, seed,
-                                                transformation, overrides, names)
+        transforms, timing, train_s = run_istn(data, out, epochs, threads, seed,
+                                               transformation, overrides, names)
         linear = transformation == "affine"
         for set_name, pairs in sets_.items():
-            per_pair[set_name]["istn"] = [
-                {**score_pair(tx, pair, nonrigid and not linear),
-                 "seconds": seconds[set_name]["seconds_per_pair"], "source": str(pair.src),
-                 "target": str(pair.trg)}
-                for tx, pair in zip(transforms[set_name], pairs, strict=True)]
+            for name, key in (("istn-network", "network_seconds_per_pair"),
+                              ("istn", "seconds_per_pair")):
+                per_pair[set_name][name] = [
+                    {**score_pair(tx, pair, nonrigid and not linear),
+                     "seconds": timing[set_name][key], "source": str(pair.src),
+                     "target": str(pair.trg)}
+                    for tx, pair in zip(transforms[set_name][name], pairs, strict=True)]
         istn_info = {"epochs": epochs, "transformation": transformation,
-                     "overrides": overrides, "train_seconds": train_s, "timing": seconds,
+                     "overrides": overrides, "train_seconds": train_s, "timing": timing,
                      "seconds_per_pair": "one istn.register_many(warp=False) call over the "
                      "set's pairs (model loaded, images read) / pairs; "
                      "command_seconds_per_pair: the whole istn register command / pairs"}
