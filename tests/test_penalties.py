@@ -59,3 +59,34 @@ def test_bending_weight_enters_the_training_loss():
     assert loss.item() == pytest.approx((terms["stn_u"] + 10.0 * terms["bending"]).item())
     with pytest.raises(IstnError, match="bending"):
         from_dict({"bending": -1})
+
+
+def test_per_pair_penalties_are_each_pairs_own():
+    t = new_transformation("affine+svf", (40, 44))
+    params = torch.randn(3, *t.params_shape) * 0.05
+    for fn in (t.regularisation, t.bending):
+        each = fn(params, per_pair=True)
+        assert each.shape == (3,)
+        for i in range(3):
+            assert each[i].item() == pytest.approx(fn(params[i:i + 1]).item(), rel=1e-6)
+        assert each.mean().item() == pytest.approx(fn(params).item(), rel=1e-6)
+    a = new_transformation("affine", (40, 44))
+    assert a.regularisation(torch.eye(2, 3).expand(2, 2, 3), per_pair=True).shape == (2,)
+
+
+@pytest.mark.parametrize("weight", ["smoothness", "bending"])
+def test_refinement_minimises_the_regularised_objective(weight):
+    from istn.engine.refine import RefineSettings, refine
+
+    torch.manual_seed(0)
+    src, trg = torch.rand(2, 1, 40, 40), torch.rand(2, 1, 40, 40)  # noise: nothing to align
+    penalties = {}
+    for w in (0.0, 1e4):
+        cfg = from_dict({"size": [40, 40], weight: w, "bspline_spacing": 8})
+        model = Model(cfg, "u", "svf").eval()
+        settings = RefineSettings(iterations=40, learning_rate=0.01, mode="params")
+        params = refine(model, src, trg, settings, progress=False)
+        fn = model.transform.regularisation if weight == "smoothness" else model.transform.bending
+        penalties[w] = fn(params).item()
+    # unregularised, the velocity fits the noise; weighted, it stays far smoother
+    assert penalties[1e4] < 0.2 * penalties[0.0]

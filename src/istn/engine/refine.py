@@ -1,5 +1,8 @@
 """Test-time refinement: per pair, minimise ``D(W(S'), T')`` with the ITN frozen.
 
+With config ``smoothness`` / ``bending`` > 0 each pair's deformation penalties are
+added with those weights, as in training.
+
 The ITN outputs are computed once. All pairs of a chunk are refined together in one
 batch, each with its own copy of what is optimised: the STN's weights (mode
 'weights', as published; copies stacked by :mod:`.per_pair`) or the transformation
@@ -123,9 +126,29 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
             loss = partial(_sampled_losses, model, s_k, points, values, sim)
         else:
             loss = partial(_pair_losses, model, s_k, t_k, sim)
-        _optimise(params_now, opt, loss, steps, settings.tolerance, bar)
+        _optimise(params_now, opt, _regularised(model, loss), steps, settings.tolerance, bar)
     with torch.no_grad():
         return params_now().detach()
+
+
+def _regularised(model: Model, loss: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``loss`` plus the config's ``smoothness`` / ``bending`` penalties of each pair's
+    deformation, with the weights training uses: refinement minimises the objective the
+    network was trained on (without them a deformable stage is free to fit noise)."""
+    cfg, transform = model.cfg, model.transform
+    if cfg.smoothness <= 0 and cfg.bending <= 0:
+        return loss
+
+    def total(params: torch.Tensor) -> torch.Tensor:
+        out = loss(params)
+        if cfg.smoothness > 0:
+            out = out + cfg.smoothness * transform.regularisation(params, per_pair=True)
+        if cfg.bending > 0:
+            out = out + cfg.bending * transform.bending(params, per_pair=True)
+        return out
+
+    return total
 
 
 def _pair_losses(model: Model, src: torch.Tensor, trg: torch.Tensor, sim: Similarity,

@@ -74,15 +74,19 @@ class Transformation(nn.Module):
     def deformation(self, params: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def regularisation(self, params: torch.Tensor) -> torch.Tensor:
-        """Diffusion penalty of ``deformation`` (see :mod:`.penalties`)."""
+    def regularisation(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """Diffusion penalty of ``deformation`` (see :mod:`.penalties`; [B] per pair)."""
         field = self.deformation(params)
-        return params.new_zeros(()) if field is None else diffusion(field)
+        if field is None:
+            return params.new_zeros((len(params),) if per_pair else ())
+        return diffusion(field, per_pair)
 
-    def bending(self, params: torch.Tensor) -> torch.Tensor:
-        """Bending energy of ``deformation`` (see :mod:`.penalties`)."""
+    def bending(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """Bending energy of ``deformation`` (see :mod:`.penalties`; [B] per pair)."""
         field = self.deformation(params)
-        return params.new_zeros(()) if field is None else bending(field)
+        if field is None:
+            return params.new_zeros((len(params),) if per_pair else ())
+        return bending(field, per_pair)
 
     def linear_matrix(self, params: torch.Tensor) -> torch.Tensor | None:
         return None
