@@ -177,6 +177,7 @@ def test_csvs_and_config(brain_set):
     cfg = load_config(brain_set / "config.json")
     assert cfg.dim == 3 and cfg.normalizer_img == "range_matching"
     assert cfg.max_translation == 0.2
+    assert cfg.train_pairing == "random" and cfg.grid_centre == "mass"
 
 
 def test_reproducible_and_cli(tmp_path, template, monkeypatch):

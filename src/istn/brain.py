@@ -548,10 +548,16 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
               "val_interval": 10, "normalizer_img": "range_matching",
               "normalizer_seg": "none", "size": [int(s) for s in config_size],
               "spacing": [float(config_spacing)] * 3, "max_translation": 0.2,
-              **BRAIN_REFINEMENT}
+              **BRAIN_TRAINING, **BRAIN_REFINEMENT}
     write_text(json.dumps(config, indent=2) + "\n", out / "config.json")
     return out
 
+
+# Training measured best on this set (README, "Brain MRI"): random (source, target)
+# pairs of the training images each epoch, and network grids centred on each image's
+# centre of mass (network-only TRE 8.8 mm against 14.1 mm for the listed pairs and the
+# images' geometric centres, 30 epochs).
+BRAIN_TRAINING = {"train_pairing": "random", "grid_centre": "mass"}
 
 # The refinement measured best on this set (README, "Refinement settings"): the affine
 # parameters optimised on the images (no distractor here, unlike the synthetic sets),
