@@ -88,3 +88,39 @@ def test_points_map_like_the_dense_grid_at_voxel_centres():
     grid = m.grid(p)
     assert torch.allclose(mapped[0, 0], grid[0, 17, 3], atol=1e-6)
     assert torch.allclose(mapped[0, 1], grid[0, 5, 20], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,stride,bound", [((41, 45), 2, 0.05), ((40, 44), 4, 0.2),
+                                                ((33, 36, 29), 4, 0.2)])
+def test_a_coarser_integration_grid_matches_the_full_one(shape, stride, bound):
+    """``svf_stride``: integrated every ``stride`` voxels, then interpolated; the velocity
+    is smooth at the control spacing (10 voxels), so points move as with the full grid
+    (to a fraction of a voxel, for velocities of about a voxel per control point) and the
+    dense grid agrees with the points it maps."""
+    full = new_transformation("svf", shape)
+    coarse = new_transformation("svf", shape, stride=stride)
+    assert coarse.coarse == tuple(-(-(n - 1) // stride) + 1 for n in shape)
+    p = smooth_params(full, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    pts = torch.rand(1, 50, len(shape), dtype=torch.float64, generator=gen) * 1.8 - 0.9
+    for a, b in ((full.map_points(p, pts), coarse.map_points(p, pts)),
+                 (full.inverse_map_points(p, pts), coarse.inverse_map_points(p, pts))):
+        voxels = (normalised_to_index(a, shape) - normalised_to_index(b, shape)).abs().max()
+        assert 0 < voxels < bound
+    grid = coarse.grid(p.float())
+    assert grid.shape == full.grid(p.float()).shape
+    # the dense grid at voxel centres equals mapping those voxels' points
+    at = identity_grid(shape).reshape(1, -1, len(shape))
+    assert torch.allclose(grid.reshape(1, -1, len(shape)),
+                          coarse.map_points(p.float(), at), atol=1e-5)
+
+
+def test_svf_stride_is_a_config_key_passed_to_the_model():
+    from istn.config import from_dict, validate
+    from istn.errors import IstnError
+
+    cfg = validate(from_dict({"size": [40, 40], "svf_stride": 2}))
+    m = new_transformation("affine+svf", (40, 40), stride=cfg.svf_stride)
+    assert m.stages[1].coarse == (21, 21)
+    with pytest.raises(IstnError, match="svf_stride"):
+        validate(from_dict({"size": [40, 40], "svf_stride": 0}))

@@ -66,6 +66,8 @@ class Config:
     bending: float = 0.0
     # Extensions: SVF model (velocity on the B-spline control grid; scaling and squaring).
     svf_steps: int = 7
+    # Integrate the velocity on every svf_stride-th voxel per axis (1: the network grid).
+    svf_stride: int = 1
     # Extensions: the similarity of the STN losses and of refinement (see istn.similarity).
     similarity: str = "mse"
     # Extensions: refinement ('weights' = fine-tune the STN as published,
@@ -217,6 +219,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise err(key, f"must be >= 1, got {getattr(cfg, key)}")
     if not 0 <= cfg.svf_steps <= 16:
         raise err("svf_steps", f"must be between 0 and 16, got {cfg.svf_steps}")
+    if cfg.svf_stride < 1:
+        raise err("svf_stride", f"must be >= 1 (1: integrate on the network grid), "
+                  f"got {cfg.svf_stride}")
     if cfg.refine < 0:
         raise err("refine", f"must be >= 0, got {cfg.refine}")
     if cfg.restarts < 0:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
@@ -27,7 +26,7 @@ from ..config import Config
 from ..filters import box_mean, gaussian_blur
 from ..losses import refinement_loss
 from ..similarity import Similarity, new_similarity
-from ..spatial.grid import ALIGN_CORNERS
+from ..spatial.grid import sample_points
 from .model import Model
 from .per_pair import per_pair_stn
 
@@ -205,10 +204,8 @@ def _sampled_losses(model: Model, src: torch.Tensor, points: torch.Tensor,
                     values: torch.Tensor, sim: Similarity, params: torch.Tensor
                     ) -> torch.Tensor:
     """``D(S(phi(x)), T(x))`` over the sampled target voxels ``x`` of every pair [B]."""
-    mapped = model.stn.transform.map_points(params, points)
-    where = mapped.view(mapped.shape[0], -1, *[1] * (src.dim() - 3), mapped.shape[-1])
-    warped = F.grid_sample(src, where, align_corners=ALIGN_CORNERS)
-    return sim.per_pair(warped.flatten(2), values)
+    warped = sample_points(src, model.stn.transform.map_points(params, points))
+    return sim.per_pair(warped, values)
 
 
 def level_schedule(levels: int, iterations: int) -> tuple[list[float], list[int]]:

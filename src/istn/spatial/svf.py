@@ -7,6 +7,12 @@ velocity is integrated with ``steps`` squarings: ``u_0 = v / 2^K``,
 ``exp(-v)``, integrated the same way (exact up to the integration error, no
 fixed-point search). Fields are composed by linear interpolation with border values
 outside the grid; points are mapped by interpolating the dense field.
+
+With ``stride`` s > 1 the velocity is integrated on a coarser grid spanning the same
+domain, ``ceil((n - 1) / s) + 1`` points per axis (every s-th voxel where s divides
+n - 1), and the displacement between its points is interpolated linearly. The velocity
+is a cubic B-spline with control points ``spacing`` voxels apart, so a grid a few
+voxels apart resolves it; each squaring then costs about ``s ** dim`` times less.
 """
 
 from __future__ import annotations
@@ -19,8 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Transformation, register_transformation
-from .bspline import BSplineHead, BSplineModel
-from .grid import ALIGN_CORNERS
+from .bspline import BSplineHead, BSplineModel, _einsum_dense, bspline_basis
+from .grid import ALIGN_CORNERS, identity_grid
+
+
+def coarse_shape(shape: Sequence[int], stride: int) -> tuple[int, ...]:
+    """Points per axis of the integration grid: ``ceil((n - 1) / stride) + 1``."""
+    return tuple(-(-(n - 1) // stride) + 1 if n > 1 else 1 for n in shape)
 
 
 def _sample(field: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -48,13 +59,22 @@ class SVFModel(Transformation):
 
     options: ClassVar[dict[str, str]] = {
         "spacing": "bspline_spacing", "max_displacement": "max_displacement",
-        "steps": "svf_steps"}
+        "steps": "svf_steps", "stride": "svf_stride"}
 
     def __init__(self, shape: Sequence[int], spacing: int | Sequence[int] = 10,
-                 max_displacement: float = 0.2, steps: int = 7):
+                 max_displacement: float = 0.2, steps: int = 7, stride: int = 1):
         super().__init__(shape)
         self.velocity = BSplineModel(shape, spacing, max_displacement, zero_init=True)
         self.steps = steps
+        self.stride = stride
+        self.coarse = coarse_shape(self.shape, stride)
+        v = self.velocity
+        for a, (n, m) in enumerate(zip(self.shape, self.coarse, strict=True)):
+            # the integration grid's points as voxel indices of the image grid
+            pos = torch.arange(m, dtype=torch.float64) * ((n - 1) / max(m - 1, 1))
+            basis = bspline_basis(pos, n, v.control_shape[a], v.spacing[a]).float()
+            self.register_buffer(f"coarse_basis{a}", basis, persistent=False)
+        self.register_buffer("coarse_identity", identity_grid(self.coarse), persistent=False)
 
     @property
     def control_shape(self) -> tuple[int, ...]:
@@ -68,17 +88,30 @@ class SVFModel(Transformation):
         return BSplineHead(features, (self.dim, *self.control_shape),
                            self.velocity.max_displacement, zero_init=True)
 
+    def coarse_displacement(self, params: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Displacement [B, dim, *coarse] of ``exp(v)`` (``exp(-v)`` if ``inverse``) on the
+        integration grid (the image grid when ``stride`` is 1)."""
+        p = -params if inverse else params
+        if self.stride == 1:
+            v, identity = self.velocity.displacement(p), self.velocity.identity
+        else:
+            bases = [getattr(self, f"coarse_basis{a}").to(p.dtype) for a in range(self.dim)]
+            v, identity = torch.einsum(_einsum_dense(self.dim), p, *bases), self.coarse_identity
+        return exp_velocity(v, identity.to(params.dtype), self.steps)
+
     def displacement(self, params: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Dense displacement [B, dim, *shape] of ``exp(v)`` (``exp(-v)`` if ``inverse``)."""
-        v = self.velocity.displacement(-params if inverse else params)
-        identity = self.velocity.identity.to(params.dtype)
-        return exp_velocity(v, identity, self.steps)
+        u = self.coarse_displacement(params, inverse)
+        if self.stride == 1:
+            return u
+        mode = "bilinear" if self.dim == 2 else "trilinear"
+        return F.interpolate(u, size=self.shape, mode=mode, align_corners=ALIGN_CORNERS)
 
     def grid(self, params: torch.Tensor) -> torch.Tensor:
         return self.velocity.identity.to(params.dtype) + self.displacement(params).movedim(1, -1)
 
     def _map(self, params: torch.Tensor, points: torch.Tensor, inverse: bool) -> torch.Tensor:
-        u = self.displacement(params, inverse)
+        u = self.coarse_displacement(params, inverse)
         at = points.reshape(len(points), -1, *([1] * (self.dim - 1)), self.dim)
         return points + _sample(u, at).reshape(len(points), self.dim, -1).transpose(1, 2)
 
