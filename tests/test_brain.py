@@ -562,3 +562,48 @@ def test_example_pairs_cap_shrinks_the_set_and_warns(tmp_path, template, monkeyp
     monkeypatch.setenv("ISTN_EXAMPLE_PAIRS", "1")  # a derangement needs two images
     with pytest.raises(IstnError, match="ISTN_EXAMPLE_PAIRS"):
         brain.generate_brain(tmp_path / "c", n_train=3, n_test=3, template=template)
+
+
+def test_an_existing_model_is_scored_without_training(nonrigid_set, tmp_path, monkeypatch):
+    """``--model DIR``: no ``istn train``; the model's own transformation and epochs."""
+    import types
+
+    import istn.api
+
+    calls = []
+
+    def fake_run(cmd, env):
+        calls.append(cmd)
+        reg = Path(cmd[cmd.index("--out") + 1])
+        for i in range(2):
+            (reg / f"{i:04d}_pair").mkdir(parents=True, exist_ok=True)
+            sitk.WriteTransform(sitk.TranslationTransform(3, (float(i), 0, 0)),
+                                str(reg / f"{i:04d}_pair" / "transform.h5"))
+        return 4.0
+
+    def fake_timing(model_dir, pairs, threads, refine=None):
+        calls.append(["timing", str(model_dir)])
+        return 1.0, [sitk.TranslationTransform(3, (float(i), 0, 0)) for i in range(len(pairs))]
+
+    fake_model = types.SimpleNamespace(transformation="affine+svf",
+                                       cfg=types.SimpleNamespace(epochs=7))
+    monkeypatch.setattr(istn.api, "load_model", lambda d: fake_model)
+    monkeypatch.setattr(bb, "_run", fake_run)
+    monkeypatch.setattr(bb, "time_registration", fake_timing)
+    monkeypatch.setattr(bb, "available_methods", lambda nonrigid=False: ({}, {}))
+    model = tmp_path / "trained"
+    assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path / "b"), "--sets",
+                    "test", "--model", str(model)]) == 0
+    assert [c[3] for c in calls if c[0] != "timing"] == ["register"]  # nothing trained
+    register = calls[0]
+    assert register[register.index("--model") + 1] == str(model)
+    assert all(c[1] == str(model) for c in calls if c[0] == "timing")
+    report = json.loads((tmp_path / "b" / "bench_brain.json").read_text())
+    assert report["istn"]["transformation"] == "affine+svf" and report["istn"]["epochs"] == 7
+    assert report["istn"]["train_seconds"] is None
+    assert report["istn"]["model"] == str(model)
+    # --set changes training, so it cannot go with --model
+    calls.clear()
+    assert bb.main(["--data", str(nonrigid_set), "--out", str(tmp_path / "c"), "--model",
+                    str(model), "--set", "refine=5"]) == 2
+    assert not calls

@@ -448,8 +448,9 @@ def istn_config(data: Path, out: Path, overrides: dict[str, object]) -> Path:
 
 def run_istn(data: Path, out: Path, epochs: int, threads: int, seed: int,
              transformation: str = "affine", overrides: dict[str, object] | None = None,
-             sets: Sequence[str] = tuple(SETS)
-             ) -> tuple[dict[str, dict[str, list[sitk.Transform]]], dict[str, dict], float]:
+             sets: Sequence[str] = tuple(SETS), model: Path | None = None
+             ) -> tuple[dict[str, dict[str, list[sitk.Transform]]], dict[str, dict],
+                        float | None]:
     """Train ISTN-i (``transformation``, the set's config with ``overrides``) through the
     command line, then register the test sets ``sets`` (default both).
 
@@ -457,16 +458,21 @@ def run_istn(data: Path, out: Path, epochs: int, threads: int, seed: int,
     config's refinement) and of ``istn-network`` (the networks' prediction alone,
     ``refine`` 0); per set the timings (:func:`time_registration`'s seconds per pair of
     both, the command's wall time / pairs, and the largest distance between the
-    command's transforms and the timed call's); and the training seconds.
+    command's transforms and the timed call's); and the training seconds. With ``model``
+    (a trained model folder) nothing is trained (training seconds None).
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     exe = [sys.executable, "-m", "istn"]
-    model = out / "istn" / "train" / "model"
-    config = istn_config(data, out, overrides or {})
-    train_s = _run([*exe, "train", "--config", str(config), "--loss", "i",
+    if model is not None:
+        train_s = None
+    else:
+        model = out / "istn" / "train" / "model"
+        config = istn_config(data, out, overrides or {})
+        train_s = _run([*exe, "train", "--config", str(config), "--loss", "i",
                     "--transformation", transformation, "--train", str(data / "train.csv"),
-                    "--train_seg", str(data / "train.seg.csv"), "--out", str(out / "istn"),
-                    "--epochs", str(epochs), "--seed", str(seed), "--overwrite", "--quiet"], env)
+                        "--train_seg", str(data / "train.seg.csv"), "--out",
+                        str(out / "istn"), "--epochs", str(epochs), "--seed", str(seed),
+                        "--overwrite", "--quiet"], env)
     transforms, timing = {}, {}
     for name in sets:
         pairs_csv = data / SETS[name]
@@ -561,14 +567,15 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
                   nonrigid: bool | None = None, transformation: str = "affine",
                   overrides: dict[str, object] | None = None,
                   sets: Sequence[str] | None = None,
-                  baselines: Sequence[str] | None = None) -> dict:
+                  baselines: Sequence[str] | None = None, model: Path | None = None) -> dict:
     """Register and score every set with every available method; write bench_brain.json.
 
     ``nonrigid``: add the deformable baselines and the deformation quality (None: when
     the set's ground truth is deformable, :func:`is_nonrigid`). ``transformation`` and
     ``overrides`` (config keys) go to ``istn train``. ``sets``: a subset of ``test``,
     ``reoriented`` (default both). ``baselines``: the baselines to run, of
-    :data:`BASELINES` (default every one that applies and is installed).
+    :data:`BASELINES` (default every one that applies and is installed). ``model``: score
+    this trained istn model (its own config and transformation) instead of training one.
     """
     data, out = Path(data), Path(out)
     overrides = dict(overrides or {})
@@ -578,9 +585,16 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
     unknown = [n for n in names if n not in SETS]
     if unknown or not names:
         raise IstnError(f"unknown set {unknown or names}; choose from {', '.join(SETS)}")
-    if not skip_istn:
-        if limit is not None:
-            raise IstnError("--limit cannot be combined with istn (it registers whole CSVs)")
+    if model is not None:
+        if overrides:
+            raise IstnError("--set changes training; with --model the model's own config "
+                            "is used: leave --set out or train a new model")
+        from .api import load_model
+        meta = load_model(model)  # IstnError naming the folder if it is no model
+        transformation, epochs = meta.transformation, meta.cfg.epochs
+    if not skip_istn and limit is not None:
+        raise IstnError("--limit cannot be combined with istn (it registers whole CSVs)")
+    if not skip_istn and model is None:
         istn_config(data, out, overrides)  # a bad --set fails before the baselines run
     wanted = list(BASELINES) if baselines is None else list(baselines)
     unknown = [m for m in wanted if m not in BASELINES]
@@ -613,7 +627,7 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
         skipped["istn"] = "--skip-istn"
     else:
         transforms, timing, train_s = run_istn(data, out, epochs, threads, seed,
-                                               transformation, overrides, names)
+                                               transformation, overrides, names, model)
         linear = transformation == "affine"
         for set_name, pairs in sets_.items():
             for name, key in (("istn-network", "network_seconds_per_pair"),
@@ -624,6 +638,7 @@ def run_benchmark(data: Path, out: Path, epochs: int = 10, skip_istn: bool = Fal
                      "target": str(pair.trg)}
                     for tx, pair in zip(transforms[set_name][name], pairs, strict=True)]
         istn_info = {"epochs": epochs, "transformation": transformation,
+                     "model": None if model is None else str(model),
                      "overrides": overrides, "train_seconds": train_s, "timing": timing,
                      "seconds_per_pair": "one istn.register_many(warp=False) call over the "
                      "set's pairs (model loaded, images read) / pairs; "
@@ -649,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (bench_brain.json)")
     p.add_argument("--epochs", type=int, default=10, help="istn training epochs (default 10)")
     p.add_argument("--skip-istn", dest="skip_istn", action="store_true")
+    p.add_argument("--model", type=Path, default=None,
+                   help="score this trained istn model folder (its own config and "
+                   "transformation) instead of training one")
     p.add_argument("--transformation", choices=list(TRANSFORMATIONS), default="affine",
                    help="istn's transformation model (default affine)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -675,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_benchmark(Path(args.data), Path(args.out), args.epochs, args.skip_istn,
                                args.threads, args.seed, args.limit, args.nonrigid,
                                args.transformation, parse_overrides(args.overrides),
-                               args.sets, args.baselines)
+                               args.sets, args.baselines, args.model)
     except IstnError as e:
         print(f"error: {e}")
         return 2

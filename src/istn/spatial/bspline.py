@@ -138,6 +138,47 @@ class BSplineModel(Transformation):
         """The dense displacement (what the regularisers penalise)."""
         return self.displacement(params)
 
+    def regularisation(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """:func:`~.penalties.diffusion` of the dense displacement, from the control points.
+
+        The field is linear in ``params``, so its mean squared differences are a quadratic
+        form in them with one small Gram matrix per axis (:func:`_penalty`); the same
+        value as on the dense field at a fraction of the cost (no dense field, forward or
+        backward).
+        """
+        return self._penalty(params, [[a] for a in range(self.dim)], per_pair)
+
+    def bending(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """:func:`~.penalties.bending` of the dense displacement, from the control points."""
+        terms = [[i, j] for i in range(self.dim) for j in range(i, self.dim)]
+        return self._penalty(params, terms, per_pair)
+
+    def _penalty(self, params: torch.Tensor, terms: list[list[int]], per_pair: bool
+                 ) -> torch.Tensor:
+        """Sum over ``terms`` (the axes differenced once each; mixed terms count twice) of
+        the mean square of those differences of the dense field.
+
+        Differencing axis a of ``u = (B_0 x B_1 x ...) c`` is ``D B_a`` there, so
+        ``sum(diff(u) ** 2) = c . (K_0 x K_1 x ...) c`` with ``K_a = (D B_a)^T (D B_a)`` on
+        differenced axes (``D``: forward differences, applied once per occurrence) and
+        ``B_a^T B_a`` on the others.
+        """
+        bases = [b.to(params.dtype) for b in self.bases()]
+        total = params.new_zeros(len(params))
+        for axes in terms:
+            grams, count = [], params.shape[1]
+            for a, basis in enumerate(bases):
+                for _ in range(axes.count(a)):
+                    basis = basis.diff(dim=0)
+                grams.append(basis.T @ basis)
+                count *= basis.shape[0]
+            weighted = params
+            for a, gram in enumerate(grams):  # K_a along control axis a
+                weighted = torch.movedim(torch.movedim(weighted, 2 + a, -1) @ gram, -1, 2 + a)
+            value = (weighted * params).flatten(1).sum(1) / count
+            total = total + (2.0 * value if len(set(axes)) == 2 else value)
+        return total if per_pair else total.mean()
+
 
 class BSplineHead(nn.Module):
     """Encoder features [B, F] -> control-point displacements [B, *params_shape]."""

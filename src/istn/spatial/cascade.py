@@ -65,6 +65,14 @@ class Cascade(Transformation):
     def deformation(self, params: torch.Tensor) -> torch.Tensor | None:
         return self.stages[1].deformation(self.split(params)[1])
 
+    def regularisation(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """The deformable stage's diffusion penalty (the affine stage has none)."""
+        return self.stages[1].regularisation(self.split(params)[1], per_pair)
+
+    def bending(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """The deformable stage's bending energy."""
+        return self.stages[1].bending(self.split(params)[1], per_pair)
+
     def stage_grid(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The sampling grid of the stages predicted so far (``parts``), for the next stage."""
         if len(parts) == 1:

@@ -126,3 +126,11 @@ class SVFModel(Transformation):
     def deformation(self, params: torch.Tensor) -> torch.Tensor:
         """The dense velocity (regularising ``v`` keeps ``exp(v)`` smooth)."""
         return self.velocity.displacement(params)
+
+    def regularisation(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """Diffusion penalty of the dense velocity (from its control points, exact)."""
+        return self.velocity.regularisation(params, per_pair)
+
+    def bending(self, params: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """Bending energy of the dense velocity (from its control points, exact)."""
+        return self.velocity.bending(params, per_pair)
