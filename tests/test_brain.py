@@ -178,6 +178,7 @@ def test_csvs_and_config(brain_set):
     assert cfg.dim == 3 and cfg.normalizer_img == "range_matching"
     assert cfg.max_translation == 0.2
     assert cfg.train_pairing == "random" and cfg.grid_centre == "mass"
+    assert cfg.svf_stride == 1 and cfg.smoothness == 0  # deformable keys: nonrigid sets only
 
 
 def test_reproducible_and_cli(tmp_path, template, monkeypatch):
@@ -240,6 +241,8 @@ def test_nonrigid_deformation(tmp_path, template):
                               sitk.ReadTransform(_stem(pair.trg) + "_transform.h5"),
                               sitk.ReadTransform(_stem(pair.src) + "_inverse.h5"))
     assert max(bb.score_pair(gt, pair)["tre"]) < 0.1
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k: cfg[k] for k in brain.BRAIN_DEFORMABLE} == brain.BRAIN_DEFORMABLE
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -109,3 +109,38 @@ def test_checkpoints_of_istn_0_1_load_with_their_old_weight_names(tmp_path):
     torch.save(state, tmp_path / "checkpoint.pt")
     loaded, _ = load_model(tmp_path)
     assert torch.equal(loaded.stn.head.fc[0].weight, model.stn.head.fc[0].weight)
+
+
+def test_cascade_registered_without_warping_has_the_same_composite():
+    """``register(..., warp=False)``: the same composite transforms, no total fields and
+    no Jacobian statistics (the metrics of a warped registration)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    import istn
+    from istn.config import from_dict
+    from istn.engine.model import Model
+
+    torch.manual_seed(0)
+    model = Model(from_dict({"size": [40, 40], "bspline_spacing": 8}), "u", "affine+svf")
+    with torch.no_grad():  # a non-identity deformable stage
+        for name, p in model.stn.named_parameters():
+            if "stages.1" in name and "head" in name:
+                p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    gen = np.random.default_rng(0)
+    src = sitk.GetImageFromArray(gen.random((40, 40)).astype(np.float32))
+    trg = sitk.GetImageFromArray(gen.random((40, 40)).astype(np.float32))
+    full = istn.register(model, source=src, target=trg, refine=0)
+    bare = istn.register(model, source=src, target=trg, refine=0, warp=False)
+    assert full.field is not None and "jacobian_min" in full.metrics
+    assert bare.field is None and bare.inverse_field is None
+    assert not any(k.startswith("jacobian") for k in bare.metrics)
+    for p in ([3.0, 5.0], [20.5, 17.25], [39.0, 0.0]):
+        np.testing.assert_allclose(bare.transform.TransformPoint(p),
+                                   full.transform.TransformPoint(p), atol=1e-9)
+        np.testing.assert_allclose(bare.inverse.TransformPoint(p),
+                                   full.inverse.TransformPoint(p), atol=1e-9)
+    moved = max(np.linalg.norm(np.subtract(full.transform.TransformPoint(p), p))
+                for p in ([3.0, 5.0], [20.5, 17.25]))
+    assert moved > 1e-3  # the test registers something

@@ -57,7 +57,8 @@ def register(model: Model, source: ImageLike, target: ImageLike, refine: int | N
     the warped source labels and per-label overlap metrics; with landmark points
     ([N, dim] physical arrays or CSV files, rows corresponding) the landmark error.
     ``warp=False`` returns the transforms only (``warped``, ``warped_seg`` None, no
-    overlap metrics), which is all a registration needs when the warping is done later.
+    overlap or Jacobian metrics, and for cascades no total ``field``), which is all a
+    registration needs when the warping is done later.
     Returns a :class:`~istn.engine.register.Registration` (``warped``, ``transform``,
     ``inverse``, ``metrics``, ...).
     """

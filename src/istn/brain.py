@@ -548,7 +548,7 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
               "val_interval": 10, "normalizer_img": "range_matching",
               "normalizer_seg": "none", "size": [int(s) for s in config_size],
               "spacing": [float(config_spacing)] * 3, "max_translation": 0.2,
-              **BRAIN_TRAINING, **BRAIN_REFINEMENT}
+              **BRAIN_TRAINING, **BRAIN_REFINEMENT, **(BRAIN_DEFORMABLE if nonrigid else {})}
     write_text(json.dumps(config, indent=2) + "\n", out / "config.json")
     return out
 
@@ -567,6 +567,14 @@ BRAIN_REFINEMENT = {"refine": 300, "refine_mode": "params", "refine_inputs": "lo
                     "refine_similarity": "mse", "refine_samples": 8192, "refine_levels": 3,
                     "refine_resolution": 2, "refine_learning_rate": 0.003,
                     "refine_tolerance": 0.001}
+
+
+# The nonrigid set's additions, measured best for affine+svf (README, "Nonrigid set"):
+# a diffusion penalty on the velocity (training and refinement), the SVF integrated on
+# every 4th network-grid voxel, and a shorter refinement on the network grid itself.
+# An affine model trained on the set ignores the first two.
+BRAIN_DEFORMABLE = {"smoothness": 10000.0, "svf_stride": 4, "refine": 100,
+                    "refine_resolution": 1}
 
 
 def _index_names() -> list[str]:

@@ -120,24 +120,30 @@ class Exported:
 
 
 def export_transform(model, params: torch.Tensor, g_src: Geometry, g_trg: Geometry,
-                     reference: sitk.Image, source: sitk.Image | None = None) -> Exported:
+                     reference: sitk.Image, source: sitk.Image | None = None,
+                     fields: bool = True) -> Exported:
     """The prediction ``params`` of one pair as ITK transforms (target -> source and back).
 
     Linear models (``linear_matrix`` is not None) compose exactly into an
     ``AffineTransform`` (its inverse is exact too); any other model is sampled as a
     displacement field on ``reference``'s grid, its inverse (the model's own inverse
     map, see ``inverse_map_points``) on ``source``'s grid (``reference``'s if None).
+    ``fields=False`` leaves a cascade's total fields out (its transforms are composites of
+    the stages and do not need them).
     """
     transform = model.transform
     matrix = transform.linear_matrix(params[None])
     if matrix is not None:
         tx = affine_to_sitk(matrix[0].detach().cpu().numpy(), g_src, g_trg)
         return Exported(tx, tx.GetInverse())
+    if transform.stages:
+        forward, inverse = _cascade_composites(transform, params, g_src, g_trg, reference)
+        if not fields:
+            return Exported(forward, inverse)
     field = displacement_field(physical_point_map(transform, params, g_src, g_trg), reference)
     back = displacement_field(physical_point_map(transform, params, g_src, g_trg, inverse=True),
                               source if source is not None else reference)
     if transform.stages:
-        forward, inverse = _cascade_composites(transform, params, g_src, g_trg, reference)
         return Exported(forward, inverse, field, back)
     return Exported(field_transform(field), field_transform(back), field, back)
 
@@ -153,9 +159,10 @@ def _cascade_composites(cascade, params: torch.Tensor, g_src: Geometry, g_trg: G
     theta, deform = cascade.split(params[None])
     a = affine_to_sitk(theta[0].detach().cpu().numpy(), g_src, g_trg)
     stage = cascade.stages[1]
-    d = displacement_field(physical_point_map(stage, deform[0], g_trg, g_trg), reference)
+    pts = grid_points(reference)  # both fields live on the target's grid
+    d = displacement_field(physical_point_map(stage, deform[0], g_trg, g_trg), reference, pts)
     d_inv = displacement_field(physical_point_map(stage, deform[0], g_trg, g_trg, inverse=True),
-                               reference)
+                               reference, pts)
     forward = sitk.CompositeTransform([a, field_transform(d)])
     inverse = sitk.CompositeTransform([field_transform(d_inv), a.GetInverse()])
     return forward, inverse
@@ -170,9 +177,11 @@ def grid_points(reference: sitk.Image) -> np.ndarray:
     return g.to_physical(idx)
 
 
-def displacement_field(point_map: PointMap, reference: sitk.Image) -> sitk.Image:
-    """Dense displacement ``T(p) - p`` on ``reference``'s grid (vector float64 image)."""
-    pts = grid_points(reference)
+def displacement_field(point_map: PointMap, reference: sitk.Image,
+                       points: np.ndarray | None = None) -> sitk.Image:
+    """Dense displacement ``T(p) - p`` on ``reference``'s grid (vector float64 image);
+    ``points``: that grid's :func:`grid_points`, when already computed."""
+    pts = grid_points(reference) if points is None else points
     disp = point_map(pts) - pts
     arr = disp.reshape(*reference.GetSize()[::-1], reference.GetDimension())
     field = sitk.GetImageFromArray(arr.astype(np.float64), isVector=True)

@@ -138,8 +138,9 @@ class Registration:
     label map there (nearest neighbour); ``field``/``inverse_field`` the displacement
     fields of non-linear models; ``metrics`` per label (``labels``), landmark errors and
     Jacobian statistics where the inputs allow; ``params`` the network-grid parameters.
-    ``warped`` and ``warped_seg`` are None (and ``metrics`` has no ``labels``) when the
-    pair was registered with ``warp=False`` (transforms only).
+    ``warped`` and ``warped_seg`` are None (and ``metrics`` has no ``labels`` and no
+    Jacobian statistics; a cascade has no ``field``/``inverse_field``) when the pair was
+    registered with ``warp=False`` (transforms only).
     """
 
     warped: sitk.Image | None
@@ -178,8 +179,8 @@ def _registration(model: Model, params: torch.Tensor, g_src: Geometry, g_trg: Ge
     point_map = physical_point_map(model, params, g_src, g_trg)
     metrics: dict = {"transformation": model.transformation}
     warped = array_to_image(warp_to_reference(src, trg, point_map), trg) if warp else None
-    exported = export_transform(model, params, g_src, g_trg, trg, src)
-    if exported.field is not None:
+    exported = export_transform(model, params, g_src, g_trg, trg, src, fields=warp)
+    if warp and exported.field is not None:
         metrics.update(jacobian_stats(exported.field))
     reg = Registration(warped, exported.transform, exported.inverse, metrics, params,
                        exported.field, exported.inverse_field)
