@@ -97,9 +97,14 @@ def test_batched_weight_refinement_equals_per_pair_reference(kind, size, channel
     assert got.shape == want.shape == start.shape
     moved = (want - start).abs().max().item()
     assert moved > 1e-3, moved  # the refinement really changed the parameters
-    # Equal up to float32 round-off (different summation orders, fused Adam).
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
-    torch.testing.assert_close(chunked, want, rtol=0, atol=2e-5)
+    # Equal up to float32 round-off (different summation orders, fused Adam). Adam's
+    # normalised steps can turn round-off in a near-zero gradient into a step of up to
+    # the learning rate; 3D grouped and plain conv3d on two threads differ enough for
+    # that (1.7e-4 measured on an AMD EPYC), so 3D gets half a learning rate. The
+    # float64 test below shows the two computations are the same.
+    atol = 0.5 * LR if len(size) == 3 else 2e-5
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    torch.testing.assert_close(chunked, want, rtol=0, atol=atol)
     for k, v in model.stn.state_dict().items():  # the model itself is left untouched
         assert torch.equal(v, before[k]), k
 
