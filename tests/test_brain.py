@@ -498,17 +498,22 @@ def test_nonrigid_benchmark_table(nonrigid_set, tmp_path, monkeypatch, capsys):
     assert "fold %" not in capsys.readouterr().out
 
 
+def _fake_register_outputs(cmd: list[str], pairs: int = 2) -> None:
+    """What ``istn register`` would write for ``cmd``: a translation of i mm per pair i."""
+    reg = Path(cmd[cmd.index("--out") + 1])
+    for i in range(pairs):
+        (reg / f"{i:04d}_pair").mkdir(parents=True, exist_ok=True)
+        sitk.WriteTransform(sitk.TranslationTransform(3, (float(i), 0, 0)),
+                            str(reg / f"{i:04d}_pair" / "transform.h5"))
+
+
 def test_istn_options_reach_istn_train(nonrigid_set, tmp_path, monkeypatch):
     calls = []
 
     def fake_run(cmd, env):
         calls.append(cmd)
         if cmd[3] == "register":
-            reg = Path(cmd[cmd.index("--out") + 1])
-            for i in range(2):
-                (reg / f"{i:04d}_pair").mkdir(parents=True, exist_ok=True)
-                sitk.WriteTransform(sitk.TranslationTransform(3, (float(i), 0, 0)),
-                                    str(reg / f"{i:04d}_pair" / "transform.h5"))
+            _fake_register_outputs(cmd)
         return 4.0
 
     def fake_timing(model_dir, pairs, threads, refine=None):  # the in-process call
@@ -577,11 +582,7 @@ def test_an_existing_model_is_scored_without_training(nonrigid_set, tmp_path, mo
 
     def fake_run(cmd, env):
         calls.append(cmd)
-        reg = Path(cmd[cmd.index("--out") + 1])
-        for i in range(2):
-            (reg / f"{i:04d}_pair").mkdir(parents=True, exist_ok=True)
-            sitk.WriteTransform(sitk.TranslationTransform(3, (float(i), 0, 0)),
-                                str(reg / f"{i:04d}_pair" / "transform.h5"))
+        _fake_register_outputs(cmd)
         return 4.0
 
     def fake_timing(model_dir, pairs, threads, refine=None):

@@ -68,6 +68,8 @@ class SVFModel(Transformation):
         self.steps = steps
         self.stride = stride
         self.coarse = coarse_shape(self.shape, stride)
+        if stride == 1:  # the image grid itself: the velocity model's own bases
+            return
         v = self.velocity
         for a, (n, m) in enumerate(zip(self.shape, self.coarse, strict=True)):
             # the integration grid's points as voxel indices of the image grid
