@@ -25,6 +25,7 @@ from .spatial import transformation_class
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
 REFINE_MODES = ("weights", "params")
 REFINE_INPUTS = ("primes", "images", "local")
+REFINE_STAGES = ("joint", "sequential")
 NETWORK_SCALINGS = ("auto", "none")
 GRID_ORIENTATIONS = ("world", "image")
 GRID_CENTRES = ("image", "mass")
@@ -89,6 +90,9 @@ class Config:
     # Extension: refinement on images k times finer than the network grid (same extent;
     # istn register and the API; needs refine_samples).
     refine_resolution: int = 1
+    # Extension: a cascade's stages refined together ('joint') or one after another
+    # ('sequential': affine first, then the deformable stage; 'refine' iterations each).
+    refine_stages: str = "joint"
     # Extension: training pairs: 'listed' (the CSV's pairs, as published) or 'random'
     # (each epoch, as many random pairs of the distinct training images as are listed).
     train_pairing: str = "listed"
@@ -287,6 +291,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
                   "(local standardisation, then squared differences) or refine_samples 0")
     if cfg.refine_mode not in REFINE_MODES:
         raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}")
+    if cfg.refine_stages not in REFINE_STAGES:
+        raise err("refine_stages", f"must be one of {', '.join(REFINE_STAGES)}")
     if len(cfg.size) not in (2, 3):
         raise err("size", f"must have 2 (2D) or 3 (3D) entries, got {cfg.size}")
     if len(cfg.spacing) != len(cfg.size):

@@ -26,7 +26,7 @@ from ..config import Config
 from ..filters import box_mean, gaussian_blur
 from ..losses import refinement_loss
 from ..similarity import Similarity, new_similarity
-from ..spatial.grid import sample_points
+from ..spatial.grid import sample_points, warp
 from .model import Model
 from .per_pair import per_pair_stn
 
@@ -44,7 +44,9 @@ class RefineSettings:
     of :mod:`istn.similarity`; ``inputs`` 'primes' minimises ``D(W(S'), T')`` (published),
     'images' ``D(W(S), T)`` on the preprocessed images (the STN still sees S', T');
     ``tolerance`` > 0 stops early once no pair's loss fell by more than that fraction
-    over the last ``PATIENCE`` iterations (0: always ``iterations``).
+    over the last ``PATIENCE`` iterations (0: always ``iterations``); ``stages``
+    'sequential' refines a cascade's stages one after another (see ``_refine_chunk``),
+    'joint' all together.
     """
 
     iterations: int
@@ -56,6 +58,7 @@ class RefineSettings:
     tolerance: float = 0.0
     samples: int = 0
     levels: int = 1
+    stages: str = "joint"
 
     @classmethod
     def from_config(cls, cfg: Config, iterations: int | None = None) -> RefineSettings:
@@ -64,7 +67,12 @@ class RefineSettings:
                    cfg.refine_learning_rate or cfg.learning_rate, cfg.refine_mode,
                    cfg.refine_batch, cfg.refine_similarity or cfg.similarity,
                    cfg.refine_inputs, cfg.refine_tolerance, cfg.refine_samples,
-                   cfg.refine_levels)
+                   cfg.refine_levels, cfg.refine_stages)
+
+    def phases(self, model: Model) -> int:
+        """How many times ``iterations`` run per chunk: once, or once per cascade stage."""
+        staged = self.stages == "sequential" and model.transform.stages
+        return len(model.transform.stages) if staged else 1
 
 
 # Iterations over which the stopping rule measures each pair's progress.
@@ -92,7 +100,8 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
                     if settings.mode == "weights" else 1)
         chunk = max(1, min(n, _MAX_STACKED_ELEMENTS // per_pair))
     out = []
-    bar = tqdm(total=settings.iterations * math.ceil(n / chunk), desc="refine",
+    bar = tqdm(total=settings.iterations * settings.phases(model) * math.ceil(n / chunk),
+               desc="refine",
                disable=not progress, leave=False)
     try:
         for i in range(0, n, chunk):
@@ -112,22 +121,49 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
                   t_l: torch.Tensor, settings: RefineSettings, sim: Similarity, seed: int,
                   bar) -> torch.Tensor:
     """The refined parameters of one chunk of pairs: S', T' feed the STN, ``s_l``/``t_l``
-    are compared (level by level, on sampled voxels when ``settings.samples``)."""
+    are compared (level by level, on sampled voxels when ``settings.samples``).
+
+    With ``settings.stages`` 'sequential' a cascade is refined stage by stage, as
+    classical pipelines do (affine, then deformable): stage k is refined alone for
+    ``iterations`` with the stages before it fixed at their refined values and the
+    stages after it at the identity (zero parameters), its STN seeing the source warped
+    by the stages before it, as in prediction.
+    """
     if settings.inputs == "local":
         s_l, t_l = local_standardise(s_l), local_standardise(t_l)
-    params_now, opt = _SETUP[settings.mode](model, s_p, t_p, settings.learning_rate)
     finer = round((t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1))
-    for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
-                            strict=True):
-        s_k, t_k = level_input(s_l, sigma, finer), level_input(t_l, sigma, finer)
-        if settings.samples:
-            points, values = sample_voxels(t_k, settings.samples, seed=seed)
-            loss = partial(_sampled_losses, model, s_k, points, values, sim)
-        else:
-            loss = partial(_pair_losses, model, s_k, t_k, sim)
-        _optimise(params_now, opt, _regularised(model, loss), steps, settings.tolerance, bar)
-    with torch.no_grad():
-        return params_now().detach()
+    levels = [(level_input(s_l, sigma, finer), level_input(t_l, sigma, finer), steps)
+              for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
+                                      strict=True)]
+
+    def run(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> None:
+        for s_k, t_k, steps in levels:
+            if settings.samples:
+                points, values = sample_voxels(t_k, settings.samples, seed=seed)
+                loss = partial(_sampled_losses, model, s_k, points, values, sim)
+            else:
+                loss = partial(_pair_losses, model, s_k, t_k, sim)
+            _optimise(params_now, opt, _regularised(model, loss), steps, settings.tolerance,
+                      bar)
+
+    x, setup = model.stn_input(s_p, t_p), _SETUP[settings.mode]
+    if settings.phases(model) == 1:
+        params_now, opt = setup(model, model.stn, x, settings.learning_rate)
+        run(params_now, opt)
+        with torch.no_grad():
+            return params_now().detach()
+    transform, c = model.transform, x.shape[1] // 2
+    done: list[torch.Tensor] = []
+    for k, stage_stn in enumerate(model.stn.stages):
+        moved = warp(x[:, :c], transform.stage_grid(done)) if done else x[:, :c]
+        stage_now, opt = setup(model, stage_stn, torch.cat([moved, x[:, c:]], 1),
+                               settings.learning_rate)
+        later = [x.new_zeros(len(x), *s.params_shape) for s in transform.stages[k + 1:]]
+        run(lambda now=stage_now, before=tuple(done), after=tuple(later):
+            transform.pack([*before, now(), *after]), opt)
+        with torch.no_grad():
+            done.append(stage_now().detach())
+    return transform.pack(done)
 
 
 def _regularised(model: Model, loss: Callable[[torch.Tensor], torch.Tensor]
@@ -257,21 +293,19 @@ def _optimise(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer
     return iterations
 
 
-def _setup_params(model, s_p, t_p, lr):
-    """Mode 'params': the predicted parameters themselves are optimised."""
-    with torch.no_grad():
-        params = model.params(s_p, t_p)
+def _setup_params(model, stn, x, lr):
+    """Mode 'params': the parameters ``stn`` predicts for ``x`` are optimised themselves."""
+    with torch.no_grad(), model.autocast():
+        params = stn(x).float()
     params = params.clone().requires_grad_(True)
     return (lambda: params), torch.optim.Adam([params], lr=lr)
 
 
-def _setup_weights(model, s_p, t_p, lr):
-    """Mode 'weights': one copy of the STN per pair, stacked (see :mod:`.per_pair`)."""
-    stn = model.stn
-    x = model.stn_input(s_p, t_p)
-    per_pair = per_pair_stn(stn, len(s_p))
+def _setup_weights(model, stn, x, lr):
+    """Mode 'weights': one copy of ``stn`` per pair, stacked (see :mod:`.per_pair`)."""
+    per_pair = per_pair_stn(stn, len(x))
     if per_pair is None:  # a layer without a batched form: one vmapped copy per pair
-        return _setup_weights_vmap(model, s_p, t_p, lr)
+        return _setup_weights_vmap(model, stn, x, lr)
     return (lambda: per_pair(x)), _adam(list(per_pair.parameters()), lr)
 
 
@@ -283,12 +317,11 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _setup_weights_vmap(model, s_p, t_p, lr):
-    """General form of ``_setup_weights``: one STN copy per pair under ``vmap``."""
-    stn = model.stn
-    weights, buffers = stack_module_state([copy.deepcopy(stn) for _ in range(len(s_p))])
+def _setup_weights_vmap(model, stn, x, lr):
+    """General form of ``_setup_weights``: one copy of ``stn`` per pair under ``vmap``."""
+    weights, buffers = stack_module_state([copy.deepcopy(stn) for _ in range(len(x))])
     weights = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
-    x = model.stn_input(s_p, t_p).unsqueeze(1)  # [N, 1, 2C, *shape]: one pair per copy
+    x = x.unsqueeze(1)  # [N, 1, 2C, *shape]: one pair per copy
 
     def one(w, b, xi):
         return functional_call(stn, (w, b), (xi,))

@@ -78,7 +78,7 @@ from .model import Model, scaling_from
 RESUMABLE_KEYS = ("epochs", "val_interval", "learning_rate", "refine", "refine_mode",
                   "refine_learning_rate", "refine_batch", "refine_inputs", "refine_similarity",
                   "refine_tolerance", "refine_samples", "refine_levels", "refine_resolution",
-                  "restarts")
+                  "refine_stages", "restarts")
 # Training restart k (config 'restarts') draws its initialisation and batch order from
 # seed + k * RESTART_SEED_STEP: it trains exactly as a run started with that --seed.
 RESTART_SEED_STEP = 1000
