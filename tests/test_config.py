@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -344,3 +345,10 @@ def test_example_caps_lower_the_benchmark_plan(monkeypatch, fresh_cap_warning):
     plan = _capped(PLANS["full"])
     assert (plan["epochs"], plan["brief_epochs"], plan["refine"]) == (1, 1, 1)
     assert PLANS["full"]["epochs"] == 2  # the plan itself is left alone
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in
+                                        (Path(__file__).parents[1] / "configs").glob("*.json")))
+def test_shipped_configs_load(name):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / name, {})
+    assert isinstance(cfg, Config)

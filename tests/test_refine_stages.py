@@ -90,3 +90,44 @@ def test_sequential_refinement_lowers_the_loss():
 def test_unknown_refine_stages_is_a_config_error():
     with pytest.raises(IstnError, match="refine_stages"):
         load_config(None, {"size": SIZE, "refine_stages": "staged"})
+
+
+def test_one_mode_per_stage():
+    """'weights+params': the affine stage's STN copies, then the deformable parameters."""
+    model = _model("affine+svf", smoothness=1.0)
+    s_p, t_p = _primes(2, 3)
+    settings = RefineSettings(10, 1e-2, "weights+params", stages="sequential")
+    theta, velocity = model.transform.split(refine(model, s_p, t_p, settings,
+                                                   progress=False))
+    all_weights = refine(model, s_p, t_p, dataclasses.replace(settings, mode="weights"),
+                         progress=False)
+    want_theta, weights_velocity = model.transform.split(all_weights)
+    torch.testing.assert_close(theta, want_theta, atol=1e-6, rtol=0)
+    assert not torch.allclose(velocity, weights_velocity)
+    # the second phase by hand: Adam on the velocity predicted on the refined affine
+    x = model.stn_input(s_p, t_p)
+    moved = warp(x[:, :1], model.transform.stage_grid([theta]))
+    with torch.no_grad():
+        v = model.stn.stages[1](torch.cat([moved, x[:, 1:]], 1)).clone()
+    v.requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        params = model.transform.pack([theta, v])
+        per_pair = ((warp(s_p, model.stn.grid(params)) - t_p) ** 2).flatten(1).mean(1)
+        per_pair = per_pair + model.transform.regularisation(params, per_pair=True)
+        per_pair.sum().backward()
+        opt.step()
+    torch.testing.assert_close(velocity, v.detach(), atol=1e-5, rtol=0)
+
+
+def test_per_stage_modes_need_a_sequential_cascade():
+    with pytest.raises(IstnError, match="refine_mode"):
+        load_config(None, {"size": SIZE, "refine_mode": "weights+params"})
+    with pytest.raises(IstnError, match="refine_mode"):
+        load_config(None, {"size": SIZE, "refine_mode": "weights+adam",
+                           "refine_stages": "sequential"})
+    s_p, t_p = _primes(1, 0)
+    settings = RefineSettings(1, 1e-2, "weights+params", stages="sequential")
+    with pytest.raises(IstnError, match="refine_mode"):
+        refine(_model("affine"), s_p, t_p, settings, progress=False)

@@ -72,7 +72,8 @@ class Config:
     # Extensions: the similarity of the STN losses and of refinement (see istn.similarity).
     similarity: str = "mse"
     # Extensions: refinement ('weights' = fine-tune the STN as published,
-    # 'params' = optimise the transformation parameters directly).
+    # 'params' = optimise the transformation parameters directly; with refine_stages
+    # 'sequential' also one per cascade stage, e.g. 'weights+params').
     refine_mode: str = "weights"
     refine_learning_rate: float | None = None
     refine_batch: int = 0
@@ -289,8 +290,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("refine_samples", "needs a similarity of single voxels (mse, mi): LNCC "
                   "compares windows of the whole grid; use refine_inputs 'local' with mse "
                   "(local standardisation, then squared differences) or refine_samples 0")
-    if cfg.refine_mode not in REFINE_MODES:
-        raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}")
+    modes = cfg.refine_mode.split("+")
+    if any(m not in REFINE_MODES for m in modes):
+        raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}, or one per "
+                  "cascade stage joined by '+' (e.g. 'weights+params')")
+    if len(modes) > 1 and cfg.refine_stages != "sequential":
+        raise err("refine_mode", "one mode per stage needs refine_stages 'sequential'")
     if cfg.refine_stages not in REFINE_STAGES:
         raise err("refine_stages", f"must be one of {', '.join(REFINE_STAGES)}")
     if len(cfg.size) not in (2, 3):

@@ -23,6 +23,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..errors import IstnError
 from ..filters import box_mean, gaussian_blur
 from ..losses import refinement_loss
 from ..similarity import Similarity, new_similarity
@@ -74,6 +75,19 @@ class RefineSettings:
         staged = self.stages == "sequential" and model.transform.stages
         return len(model.transform.stages) if staged else 1
 
+    def stage_modes(self, model: Model) -> list[str]:
+        """The mode of each refinement phase: ``mode``, or its '+'-joined per-stage modes."""
+        modes = self.mode.split("+")
+        phases = self.phases(model)
+        if len(modes) == 1:
+            return modes * phases
+        if len(modes) != phases:
+            raise IstnError(f"config: key 'refine_mode' '{self.mode}' names {len(modes)} "
+                            f"stages, but refinement of '{model.transformation}' has "
+                            f"{phases} (one mode per stage needs a cascade and "
+                            "refine_stages 'sequential')")
+        return modes
+
 
 # Iterations over which the stopping rule measures each pair's progress.
 PATIENCE = 10
@@ -97,7 +111,7 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
     n, chunk = len(src_prime), settings.chunk
     if chunk <= 0:
         per_pair = (sum(p.numel() for p in model.stn.parameters()) * 4
-                    if settings.mode == "weights" else 1)
+                    if "weights" in settings.stage_modes(model) else 1)
         chunk = max(1, min(n, _MAX_STACKED_ELEMENTS // per_pair))
     out = []
     bar = tqdm(total=settings.iterations * settings.phases(model) * math.ceil(n / chunk),
@@ -127,7 +141,7 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
     classical pipelines do (affine, then deformable): stage k is refined alone for
     ``iterations`` with the stages before it fixed at their refined values and the
     stages after it at the identity (zero parameters), its STN seeing the source warped
-    by the stages before it, as in prediction.
+    by the stages before it, as in prediction; ``mode`` may name one mode per stage.
     """
     if settings.inputs == "local":
         s_l, t_l = local_standardise(s_l), local_standardise(t_l)
@@ -146,9 +160,9 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
             _optimise(params_now, opt, _regularised(model, loss), steps, settings.tolerance,
                       bar)
 
-    x, setup = model.stn_input(s_p, t_p), _SETUP[settings.mode]
+    x, modes = model.stn_input(s_p, t_p), settings.stage_modes(model)
     if settings.phases(model) == 1:
-        params_now, opt = setup(model, model.stn, x, settings.learning_rate)
+        params_now, opt = _SETUP[modes[0]](model, model.stn, x, settings.learning_rate)
         run(params_now, opt)
         with torch.no_grad():
             return params_now().detach()
@@ -156,8 +170,8 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
     done: list[torch.Tensor] = []
     for k, stage_stn in enumerate(model.stn.stages):
         moved = warp(x[:, :c], transform.stage_grid(done)) if done else x[:, :c]
-        stage_now, opt = setup(model, stage_stn, torch.cat([moved, x[:, c:]], 1),
-                               settings.learning_rate)
+        stage_now, opt = _SETUP[modes[k]](model, stage_stn, torch.cat([moved, x[:, c:]], 1),
+                                          settings.learning_rate)
         later = [x.new_zeros(len(x), *s.params_shape) for s in transform.stages[k + 1:]]
         run(lambda now=stage_now, before=tuple(done), after=tuple(later):
             transform.pack([*before, now(), *after]), opt)
