@@ -290,14 +290,14 @@ def validate(cfg: Config, source: str = "config") -> Config:
         raise err("refine_samples", "needs a similarity of single voxels (mse, mi): LNCC "
                   "compares windows of the whole grid; use refine_inputs 'local' with mse "
                   "(local standardisation, then squared differences) or refine_samples 0")
+    if cfg.refine_stages not in REFINE_STAGES:
+        raise err("refine_stages", f"must be one of {', '.join(REFINE_STAGES)}")
     modes = cfg.refine_mode.split("+")
     if any(m not in REFINE_MODES for m in modes):
         raise err("refine_mode", f"must be one of {', '.join(REFINE_MODES)}, or one per "
                   "cascade stage joined by '+' (e.g. 'weights+params')")
     if len(modes) > 1 and cfg.refine_stages != "sequential":
         raise err("refine_mode", "one mode per stage needs refine_stages 'sequential'")
-    if cfg.refine_stages not in REFINE_STAGES:
-        raise err("refine_stages", f"must be one of {', '.join(REFINE_STAGES)}")
     if len(cfg.size) not in (2, 3):
         raise err("size", f"must have 2 (2D) or 3 (3D) entries, got {cfg.size}")
     if len(cfg.spacing) != len(cfg.size):

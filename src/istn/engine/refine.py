@@ -27,7 +27,7 @@ from ..errors import IstnError
 from ..filters import box_mean, gaussian_blur
 from ..losses import refinement_loss
 from ..similarity import Similarity, new_similarity
-from ..spatial.grid import sample_points, warp
+from ..spatial.grid import sample_points
 from .model import Model
 from .per_pair import per_pair_stn
 
@@ -166,11 +166,10 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
         run(params_now, opt)
         with torch.no_grad():
             return params_now().detach()
-    transform, c = model.transform, x.shape[1] // 2
+    transform = model.transform
     done: list[torch.Tensor] = []
     for k, stage_stn in enumerate(model.stn.stages):
-        moved = warp(x[:, :c], transform.stage_grid(done)) if done else x[:, :c]
-        stage_now, opt = _SETUP[modes[k]](model, stage_stn, torch.cat([moved, x[:, c:]], 1),
+        stage_now, opt = _SETUP[modes[k]](model, stage_stn, model.stn.stage_input(x, done),
                                           settings.learning_rate)
         later = [x.new_zeros(len(x), *s.params_shape) for s in transform.stages[k + 1:]]
         run(lambda now=stage_now, before=tuple(done), after=tuple(later):

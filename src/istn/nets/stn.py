@@ -81,16 +81,18 @@ class STN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.transform.stages:
             return self.head(self.encoder(x))
-        # each stage sees the source warped by the stages before it, and the target
-        c = x.shape[1] // 2
-        src, trg = x[:, :c], x[:, c:]
         parts: list[torch.Tensor] = []
-        moved = src
-        for k, stage in enumerate(self.stages):
-            parts.append(stage(torch.cat([moved, trg], dim=1)))
-            if k + 1 < len(self.stages):
-                moved = warp(src, self.transform.stage_grid(parts))
+        for stage in self.stages:
+            parts.append(stage(self.stage_input(x, parts)))
         return self.transform.pack(parts)
+
+    def stage_input(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        """A cascade's next stage input: the source of ``x`` warped by the stages whose
+        parameters are ``parts`` (none: as is), stacked with the target."""
+        if not parts:
+            return x
+        c = x.shape[1] // 2
+        return torch.cat([warp(x[:, :c], self.transform.stage_grid(parts)), x[:, c:]], dim=1)
 
     def grid(self, params: torch.Tensor) -> torch.Tensor:
         return self.transform.grid(params)
