@@ -560,21 +560,22 @@ def generate_brain(out: str | Path, n_train: int = 40, n_test: int = 10, seed: i
 BRAIN_TRAINING = {"train_pairing": "random", "grid_centre": "mass"}
 
 # The refinement measured best on this set (README, "Refinement settings"): the affine
-# parameters optimised on the images (no distractor here, unlike the synthetic sets),
-# standardised in local windows (bias field, gamma), 3 coarse-to-fine levels, the last
-# on images twice as fine as the network grid, at 8192 sampled voxels per pair.
-BRAIN_REFINEMENT = {"refine": 300, "refine_mode": "params", "refine_inputs": "local",
-                    "refine_similarity": "mse", "refine_samples": 8192, "refine_levels": 3,
-                    "refine_resolution": 2, "refine_learning_rate": 0.003,
+# parameters optimised on the images (no distractor here, unlike the synthetic sets) by
+# Levenberg-Marquardt, the images standardised in local windows (bias field, gamma),
+# 2 coarse-to-fine levels on the network grid, at 8192 sampled voxels per pair.
+BRAIN_REFINEMENT = {"refine": 40, "refine_mode": "lm", "refine_inputs": "local",
+                    "refine_similarity": "mse", "refine_samples": 8192, "refine_levels": 2,
+                    "refine_resolution": 1, "refine_learning_rate": 0.003,
                     "refine_tolerance": 0.001}
 
 
 # The nonrigid set's additions, measured best for affine+svf (README, "Nonrigid set"):
 # a diffusion penalty on the velocity (training and refinement), the SVF integrated on
-# every 4th network-grid voxel, and a shorter refinement on the network grid itself.
+# every 4th network-grid voxel, and a refinement of all parameters together by Adam
+# ('lm' optimises at most an affine's), in 3 levels on the network grid.
 # An affine model trained on the set ignores the first two.
 BRAIN_DEFORMABLE = {"smoothness": 10000.0, "svf_stride": 4, "refine": 100,
-                    "refine_resolution": 1}
+                    "refine_mode": "params", "refine_levels": 3, "refine_resolution": 1}
 
 
 def _index_names() -> list[str]:

@@ -23,7 +23,7 @@ from .similarity import check_similarity
 from .spatial import transformation_class
 
 NORMALIZERS = ("none", "zero_mean_unit_var", "range_matching", "zero_one", "threshold_zero")
-REFINE_MODES = ("weights", "params")
+REFINE_MODES = ("weights", "params", "lm")
 REFINE_INPUTS = ("primes", "images", "local")
 REFINE_STAGES = ("joint", "sequential")
 NETWORK_SCALINGS = ("auto", "none")
@@ -298,6 +298,10 @@ def validate(cfg: Config, source: str = "config") -> Config:
                   "cascade stage joined by '+' (e.g. 'weights+params')")
     if len(modes) > 1 and cfg.refine_stages != "sequential":
         raise err("refine_mode", "one mode per stage needs refine_stages 'sequential'")
+    if "lm" in modes and (cfg.refine_similarity or cfg.similarity) != "mse":
+        raise err("refine_mode", "'lm' (Levenberg-Marquardt) minimises squared differences: "
+                  "it needs refine_similarity 'mse' (with refine_inputs 'local' for images "
+                  "that differ in gain or bias); use 'params' for other similarities")
     if len(cfg.size) not in (2, 3):
         raise err("size", f"must have 2 (2D) or 3 (3D) entries, got {cfg.size}")
     if len(cfg.spacing) != len(cfg.size):

@@ -179,7 +179,7 @@ def evaluate(model: Model, ps: PairSet, device: torch.device,
         trg_prime=t_p.cpu() if itn_out is not None else None)
     if refinement is not None and refinement.iterations > 0:
         refined = refine(model, s_p, t_p, refinement, progress,
-                         images=refinement_images(model, ps, device))
+                         images=refinement_images(model, ps, device), start=params)
         after = apply(model, refined, ps, itn_out, batch_size)
         result.after_refinement = pair_metrics(model, ps, after.params, after.seg)
         result.warped_refined = after

@@ -28,6 +28,7 @@ from ..filters import box_mean, gaussian_blur
 from ..losses import refinement_loss
 from ..similarity import Similarity, new_similarity
 from ..spatial.grid import sample_points
+from . import lm
 from .model import Model
 from .per_pair import per_pair_stn
 
@@ -95,12 +96,15 @@ PATIENCE = 10
 
 def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
            settings: RefineSettings, progress: bool = True,
-           images: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           images: tuple[torch.Tensor, torch.Tensor] | None = None,
+           start: torch.Tensor | None = None) -> torch.Tensor:
     """Refined transformation parameters for every pair (the ITN outputs are fixed).
 
     ``images`` (source, target) are what the loss compares when ``settings.inputs`` is
     'images' or 'local' (on the network grid, or on a grid ``refine_resolution`` times
-    finer with the same normalised coordinates); S', T' otherwise.
+    finer with the same normalised coordinates); S', T' otherwise. ``start``: the
+    model's prediction for the pairs where the caller has it (``model.params(S', T')``),
+    so that modes 'params' and 'lm' need not run the STN again.
     """
     if settings.inputs != "primes" and images is None:
         raise ValueError(f"refinement on '{settings.inputs}' needs the images")
@@ -123,7 +127,8 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
             s_p, t_p = src_prime[part].detach(), trg_prime[part].detach()
             s_l, t_l = ((images[0][part].detach(), images[1][part].detach())
                         if settings.inputs != "primes" else (s_p, t_p))
-            out.append(_refine_chunk(model, s_p, t_p, s_l, t_l, settings, sim, i, bar))
+            first = start[part].detach() if start is not None else None
+            out.append(_refine_chunk(model, s_p, t_p, s_l, t_l, settings, sim, i, bar, first))
     finally:
         bar.close()
         if flush:
@@ -133,7 +138,7 @@ def refine(model: Model, src_prime: torch.Tensor, trg_prime: torch.Tensor,
 
 def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch.Tensor,
                   t_l: torch.Tensor, settings: RefineSettings, sim: Similarity, seed: int,
-                  bar) -> torch.Tensor:
+                  bar, start: torch.Tensor | None = None) -> torch.Tensor:
     """The refined parameters of one chunk of pairs: S', T' feed the STN, ``s_l``/``t_l``
     are compared (level by level, on sampled voxels when ``settings.samples``).
 
@@ -143,40 +148,67 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
     stages after it at the identity (zero parameters), its STN seeing the source warped
     by the stages before it, as in prediction; ``mode`` may name one mode per stage.
     """
+    finer = round((t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1))
     if settings.inputs == "local":
         s_l, t_l = local_standardise(s_l), local_standardise(t_l)
-    finer = round((t_l.shape[-1] - 1) / max(t_p.shape[-1] - 1, 1))
     levels = [(level_input(s_l, sigma, finer), level_input(t_l, sigma, finer), steps)
               for sigma, steps in zip(*level_schedule(settings.levels, settings.iterations),
                                       strict=True)]
 
-    def run(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> None:
+    def stride(t_k: torch.Tensor) -> int:  # sampling cells of a level: network-grid voxels
+        return finer if t_k.shape == t_l.shape else 1
+
+    def run(params_now: Callable[[], torch.Tensor], opt, compose=lambda p: p,
+            mapping=model.stn.transform) -> None:
+        """Refine level by level; ``compose`` turns what is optimised into the model's
+        parameters (a cascade stage's into the whole cascade's); 'lm' maps points with
+        the transformation ``mapping`` of what it optimises."""
         for s_k, t_k, steps in levels:
+            if isinstance(opt, lm.LevenbergMarquardt):
+                points, values = (sample_voxels(t_k, settings.samples, seed, stride(t_k))
+                                  if settings.samples else all_voxels(t_k))
+                opt.minimise(partial(_swap(mapping.map_points), points),
+                             partial(_swap(mapping.map_points_jacobian), points),
+                             lambda q, s=s_k, v=values: sample_points(s, q) - v, steps,
+                             settings.tolerance, bar)
+                continue
             if settings.samples:
-                points, values = sample_voxels(t_k, settings.samples, seed=seed)
+                points, values = sample_voxels(t_k, settings.samples, seed, stride(t_k))
                 loss = partial(_sampled_losses, model, s_k, points, values, sim)
             else:
                 loss = partial(_pair_losses, model, s_k, t_k, sim)
-            _optimise(params_now, opt, _regularised(model, loss), steps, settings.tolerance,
-                      bar)
+            _optimise(lambda: compose(params_now()), opt, _regularised(model, loss), steps,
+                      settings.tolerance, bar)
 
     x, modes = model.stn_input(s_p, t_p), settings.stage_modes(model)
     if settings.phases(model) == 1:
-        params_now, opt = _SETUP[modes[0]](model, model.stn, x, settings.learning_rate)
+        params_now, opt = _SETUP[modes[0]](model, model.stn, x, settings.learning_rate, start)
         run(params_now, opt)
         with torch.no_grad():
             return params_now().detach()
     transform = model.transform
     done: list[torch.Tensor] = []
     for k, stage_stn in enumerate(model.stn.stages):
+        predicted = transform.split(start)[0] if start is not None and k == 0 else None
         stage_now, opt = _SETUP[modes[k]](model, stage_stn, model.stn.stage_input(x, done),
-                                          settings.learning_rate)
+                                          settings.learning_rate, predicted)
         later = [x.new_zeros(len(x), *s.params_shape) for s in transform.stages[k + 1:]]
-        run(lambda now=stage_now, before=tuple(done), after=tuple(later):
-            transform.pack([*before, now(), *after]), opt)
+        if modes[k] == "lm" and k > 0:
+            raise IstnError("config: key 'refine_mode': 'lm' refines only a cascade's first "
+                            f"(affine) stage; stage {k + 1} of '{model.transformation}' needs "
+                            "'params' or 'weights'")
+        # 'lm' differentiates the point map forwards: the first stage's own map, exactly
+        # the cascade's while the later stages are at the identity (zero parameters)
+        run(stage_now, opt, lambda p, before=tuple(done), after=tuple(later):
+            transform.pack([*before, p, *after]), transform.stages[0])
         with torch.no_grad():
             done.append(stage_now().detach())
     return transform.pack(done)
+
+
+def _swap(f: Callable) -> Callable:
+    """``f(params, points)`` as ``g(points, params)`` (points bound first by partial)."""
+    return lambda points, params: f(params, points)
 
 
 def _regularised(model: Model, loss: Callable[[torch.Tensor], torch.Tensor]
@@ -217,15 +249,19 @@ def local_standardise(x: torch.Tensor, window: int = LOCAL_WINDOW,
     borders). Squared differences of standardised images behave like 1 - LNCC (both
     ignore smooth gain and offset changes such as bias fields) but cost one filtering
     before refinement instead of one per iteration; the floor keeps flat regions
-    (background) from amplifying noise.
+    (background) from amplifying noise. (Statistics taken on a coarser grid and
+    interpolated were measured worse on brain MRI: each image's grid has its own
+    sub-voxel phase, so source and target would be standardised differently.)
     """
-    mean = box_mean(x, window)
-    std = (box_mean(x * x, window) - mean * mean).clamp_min(0).sqrt()
+    c = x.shape[1]
+    moments = box_mean(torch.cat([x, x * x], 1), window)  # one filtering for both
+    mean, mean_sq = moments[:, :c], moments[:, c:]
+    std = (mean_sq - mean * mean).clamp_min_(0).sqrt_()
     glob = x.flatten(2).std(2).view(*x.shape[:2], *[1] * (x.dim() - 2))
-    return (x - mean) / torch.maximum(std, floor * glob).clamp_min(1e-12)
+    return (x - mean).div_(torch.maximum(std, floor * glob).clamp_min_(1e-12))
 
 
-def sample_voxels(target: torch.Tensor, n: int, seed: int = 0
+def sample_voxels(target: torch.Tensor, n: int, seed: int = 0, stride: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` voxels per pair where the target has structure, and the target's values there.
 
@@ -233,20 +269,44 @@ def sample_voxels(target: torch.Tensor, n: int, seed: int = 0
     are reproducible) with probability proportional to the target's local standard
     deviation summed over channels (flat background is never drawn). Returns normalised
     points [B, n, dim] (x, y[, z]; ``align_corners=True``) and the values [B, C, n].
+    With ``stride`` k > 1 the probabilities are those of every k-th voxel (cells of k
+    voxels per axis), and a voxel is drawn uniformly inside the drawn cell (k ** dim
+    times cheaper on an image made k times finer, ``refine_resolution``).
     """
     b, c, *shape = target.shape
     dim = len(shape)
-    std = (box_mean(target * target, 3) - box_mean(target, 3) ** 2).clamp_min(0).sqrt()
+    coarse = (target[(..., *[slice(None, None, stride)] * dim)] if stride > 1 else target)
+    cshape = coarse.shape[2:]
+    std = (box_mean(coarse * coarse, 3) - box_mean(coarse, 3) ** 2).clamp_min(0).sqrt()
     weights = std.sum(1).flatten(1)
     weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.multinomial(weights.cpu(), n, replacement=True, generator=gen).to(target.device)
-    values = target.flatten(2).gather(2, idx[:, None, :].expand(b, c, n))
-    coords = []
-    for size in reversed(shape):  # x first: the fastest axis of the flat index
-        coords.append((idx % size).to(target.dtype) * (2.0 / max(size - 1, 1)) - 1.0)
+    cells = []  # per axis (x first: the fastest axis of the flat index)
+    for size in reversed(cshape):
+        cells.append(idx % size)
         idx = torch.div(idx, size, rounding_mode="floor")
-    return torch.stack(coords[:dim], -1), values
+    if stride > 1:  # a voxel of the cell: offset -k//2 .. k - 1 - k//2 around its corner
+        jitter = torch.randint(0, stride, (dim, b, n), generator=gen).to(target.device)
+        cells = [(cell * stride + jitter[a] - stride // 2).clamp(0, shape[dim - 1 - a] - 1)
+                 for a, cell in enumerate(cells)]
+    flat = torch.zeros_like(cells[0])
+    for a in reversed(range(dim)):  # z first
+        flat = flat * shape[dim - 1 - a] + cells[a]
+    values = target.flatten(2).gather(2, flat[:, None, :].expand(b, c, n))
+    coords = [cell.to(target.dtype) * (2.0 / max(shape[dim - 1 - a] - 1, 1)) - 1.0
+              for a, cell in enumerate(cells)]
+    return torch.stack(coords, -1), values
+
+
+def all_voxels(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every voxel of ``target`` as points and values, in the form of ``sample_voxels``."""
+    b, c, *shape = target.shape
+    axes = [torch.linspace(-1.0, 1.0, n, dtype=target.dtype, device=target.device)
+            for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")  # index order: z, y, x
+    points = torch.stack(mesh[::-1], -1).reshape(1, -1, len(shape)).expand(b, -1, -1)
+    return points, target.flatten(2)
 
 
 def _sampled_losses(model: Model, src: torch.Tensor, points: torch.Tensor,
@@ -306,15 +366,34 @@ def _optimise(params_now: Callable[[], torch.Tensor], opt: torch.optim.Optimizer
     return iterations
 
 
-def _setup_params(model, stn, x, lr):
-    """Mode 'params': the parameters ``stn`` predicts for ``x`` are optimised themselves."""
+def _predicted(model, stn, x, start):
+    """What ``stn`` predicts for ``x`` (float32): ``start`` where the caller has it."""
+    if start is not None:
+        return start.float()
     with torch.no_grad(), model.autocast():
-        params = stn(x).float()
-    params = params.clone().requires_grad_(True)
+        return stn(x).float()
+
+
+def _setup_params(model, stn, x, lr, start=None):
+    """Mode 'params': the parameters ``stn`` predicts for ``x`` are optimised themselves."""
+    params = _predicted(model, stn, x, start).clone().requires_grad_(True)
     return (lambda: params), torch.optim.Adam([params], lr=lr)
 
 
-def _setup_weights(model, stn, x, lr):
+def _setup_lm(model, stn, x, lr, start=None):
+    """Mode 'lm': the predicted parameters, optimised by Levenberg-Marquardt (:mod:`.lm`)."""
+    params = _predicted(model, stn, x, start)
+    n = params[0].numel()
+    if n > lm.MAX_PARAMS:
+        raise IstnError(f"config: key 'refine_mode' 'lm' optimises at most {lm.MAX_PARAMS} "
+                        f"parameters per pair (an affine), but this stage of "
+                        f"'{model.transformation}' has {n}; use 'params' or 'weights' "
+                        "(or 'lm+params' with refine_stages 'sequential' for a cascade)")
+    opt = lm.LevenbergMarquardt(params)
+    return (lambda: opt.params), opt
+
+
+def _setup_weights(model, stn, x, lr, start=None):
     """Mode 'weights': one copy of ``stn`` per pair, stacked (see :mod:`.per_pair`)."""
     per_pair = per_pair_stn(stn, len(x))
     if per_pair is None:  # a layer without a batched form: one vmapped copy per pair
@@ -330,7 +409,7 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _setup_weights_vmap(model, stn, x, lr):
+def _setup_weights_vmap(model, stn, x, lr, start=None):
     """General form of ``_setup_weights``: one copy of ``stn`` per pair under ``vmap``."""
     weights, buffers = stack_module_state([copy.deepcopy(stn) for _ in range(len(x))])
     weights = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
@@ -343,4 +422,4 @@ def _setup_weights_vmap(model, stn, x, lr):
     return (lambda: batched(weights, buffers, x).squeeze(1)), _adam(list(weights.values()), lr)
 
 
-_SETUP = {"params": _setup_params, "weights": _setup_weights}
+_SETUP = {"params": _setup_params, "weights": _setup_weights, "lm": _setup_lm}

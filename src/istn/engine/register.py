@@ -164,7 +164,7 @@ def register_inputs(model: Model, inputs: list[PairInputs], device: torch.device
     params, s_p, t_p = predict(model, src, trg)
     if refine_iters > 0:
         params = refine(model, s_p, t_p, RefineSettings.from_config(model.cfg, refine_iters),
-                        progress, images=refinement_images(model, ps, device))
+                        progress, images=refinement_images(model, ps, device), start=params)
     params = params.detach().cpu()
     regs = [_registration(model, params[i], ps.src_grid[i], ps.trg_grid[i], inputs[i], warp)
             for i in range(len(inputs))]

@@ -129,6 +129,14 @@ class AffineModel(Transformation):
         """Apply the sampling map (target -> source) to normalised points [B, N, dim]."""
         return points @ theta[:, :, :-1].transpose(1, 2) + theta[:, None, :, -1]
 
+    def map_points_jacobian(self, theta: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """d map_points / d theta [B, N, dim, dim * (dim + 1)] (theta flattened row by row):
+        output coordinate ``a`` depends on row ``a`` only, with the weights ``(x, 1)``."""
+        b, n, dim = points.shape
+        xh = torch.cat([points, points.new_ones(b, n, 1)], -1)  # [B, N, dim+1]
+        eye = torch.eye(dim, dtype=points.dtype, device=points.device)
+        return (eye[None, None, :, :, None] * xh[:, :, None, None, :]).flatten(3)
+
     def inverse_map_points(self, theta: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Map normalised source points [B, N, dim] to the target (inverse sampling map)."""
         inv = torch.linalg.inv(self.homogeneous(theta))

@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.func import jvp, vmap
 
 from ..registry import Registry
 from .penalties import bending, diffusion
@@ -67,6 +68,19 @@ class Transformation(nn.Module):
 
     def map_points(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def map_points_jacobian(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """d map_points / d params [B, N, dim, P] (params flattened; pairs do not interact):
+        one forward-mode product per parameter. Models override it with a closed form."""
+        shape = params.shape
+        flat = params.detach().reshape(len(params), -1)
+
+        def mapped(t: torch.Tensor) -> torch.Tensor:
+            return self.map_points(t.view(shape), points)
+
+        tangents = torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device)[:, None]
+        columns = vmap(lambda t: jvp(mapped, (flat,), (t.expand_as(flat),))[1])(tangents)
+        return columns.permute(1, 2, 3, 0)
 
     def inverse_map_points(self, params: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
