@@ -260,6 +260,14 @@ def test_warp_labels_by_hand():
     np.testing.assert_array_equal(out, want)
 
 
+def test_speed_ratios_by_hand():
+    row = lambda s: {"seconds_per_pair": s}  # noqa: E731
+    summary = {"test": {"none": row(0.0), "simpleitk": row(5.0), "ants": row(6.0),
+                        "elastix": row(2.0), "istn": row(0.5)},
+               "reoriented": {"none": row(0.0), "istn": row(0.4)}}
+    assert bb.speed_ratios(summary) == {"test": ("elastix", 2.0, 0.25)}
+
+
 def test_dice_by_hand():
     a, b = np.array([1, 1, 0, 2, 2]), np.array([1, 0, 0, 2, 2])
     assert bb.dice(a, b, 1) == pytest.approx(2 / 3)

@@ -542,6 +542,23 @@ def aggregate(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+CLASSICAL_AFFINE = ("simpleitk", "ants", "elastix")
+
+
+def speed_ratios(summary: dict[str, dict[str, dict]]) -> dict[str, tuple[str, float, float]]:
+    """Per set: the fastest classical affine baseline of the run, its seconds per pair
+    and istn's seconds per pair divided by them (sets without istn or baselines: none)."""
+    out = {}
+    for set_name, rows in summary.items():
+        classical = {m: rows[m]["seconds_per_pair"] for m in CLASSICAL_AFFINE if m in rows}
+        if "istn" not in rows or not classical:
+            continue
+        fastest = min(classical, key=classical.get)
+        out[set_name] = (fastest, classical[fastest],
+                         rows["istn"]["seconds_per_pair"] / classical[fastest])
+    return out
+
+
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     """One row per (set, method): Dice GM, Dice WM, TRE mean/median/p90 (mm), s/pair;
     when any method has deformation figures also ``fold %`` (mean over pairs, 4
@@ -702,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"istn {set_name}: {t['seconds_per_pair']:.2f} s/pair in one register_many "
               f"call, {t['command_seconds_per_pair']:.2f} s/pair for the whole istn register "
               f"command; their transforms differ by at most {t['max_difference_mm']:.2g} mm")
+    for set_name, (name, seconds, ratio) in speed_ratios(report["summary"]).items():
+        print(f"istn {set_name}: {ratio:.2f} times the seconds per pair of the fastest "
+              f"classical affine, {name} ({seconds:.2f} s/pair)")
     for name, why in report["skipped"].items():
         print(f"skipped {name}: {why}")
     return 0
