@@ -53,6 +53,25 @@ def test_sampled_values_are_the_target_at_the_sampled_points(shape):
     torch.testing.assert_close(sample_voxels(target, 50, seed=3)[0], points)
 
 
+@pytest.mark.parametrize("shape", [[21, 25], [13, 17, 21]])
+def test_strided_samples_are_fine_voxels_near_the_drawn_cells(shape):
+    target = torch.zeros(2, 1, *shape)
+    cube = (..., *[slice(4, 9)] * len(shape))
+    target[cube] = torch.rand(target[cube].shape) + 1.0  # structure only here
+    points, values = sample_voxels(target, 300, seed=2, stride=2)
+    sizes = torch.tensor(shape[::-1], dtype=torch.float32)
+    vox = (points + 1) / 2 * (sizes - 1)  # x, y[, z] voxel indices
+    torch.testing.assert_close(vox, vox.round(), atol=1e-4, rtol=0)  # on the fine grid
+    # cells are drawn where the coarse (every 2nd voxel) grid sees structure: within
+    # a cell's width of the cube's edges
+    assert bool(((vox.round() >= 1) & (vox.round() <= 11)).all())
+    where = points.view(2, 300, *[1] * (len(shape) - 1), len(shape))
+    again = F.grid_sample(target, where, align_corners=True).flatten(2)
+    torch.testing.assert_close(again, values, atol=1e-5, rtol=0)
+    # every offset inside the cells is drawn
+    assert len(torch.unique(vox.round().long() % 2)) == 2
+
+
 def test_flat_background_is_never_sampled():
     target = torch.zeros(1, 1, 16, 16, 16)
     target[..., 4:8, 4:8, 4:8] = 1.0  # structure only near this cube
