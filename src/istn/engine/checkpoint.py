@@ -234,9 +234,10 @@ def load_model(path: str | Path, cfg: Config | None = None, strategy: str | None
     use_cfg = cfg if cfg is not None else saved_cfg
     model = Model(use_cfg, meta["strategy"], meta["transformation"], amp=amp)
     load_weights(model, state, str(path))
-    if use_cfg.refine > 0:
+    if use_cfg.refine > 0 and set(use_cfg.refine_mode.split("+")) - {"lm"}:
         # torch.optim imports torch._dynamo at its first step (about a second on a CPU);
-        # a model loaded to register pairs pays that here, once, not in the first pair.
+        # a model loaded to register pairs pays that here, once, not in the first pair
+        # ('lm' uses no torch.optim optimiser, so it never pays it).
         import torch._dynamo  # noqa: F401
     return model, state
 
