@@ -244,6 +244,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None,
 
     try:
         dispatch(args)
+        # every process leaves the group together: a rank that finished early (nothing
+        # to register) destroying it while others still tear theirs down was seen to
+        # abort ('terminate called without an active exception'); errors skip this
+        distributed.barrier(distributed.current())
     except IstnError as e:
         code = getattr(e, "exit_code", 2)  # TrainingInterrupted: 128 + the signal
         if debug and code == 2:
