@@ -167,8 +167,8 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
             if isinstance(opt, lm.LevenbergMarquardt):
                 points, values = (sample_voxels(t_k, settings.samples, seed, stride(t_k))
                                   if settings.samples else all_voxels(t_k))
-                opt.minimise(partial(_swap(mapping.map_points), points),
-                             partial(_swap(mapping.map_points_jacobian), points),
+                opt.minimise(lambda p, pts=points: mapping.map_points(p, pts),
+                             lambda p, pts=points: mapping.map_points_jacobian(p, pts),
                              lambda q, s=s_k, v=values: sample_points(s, q) - v, steps,
                              settings.tolerance, bar)
                 continue
@@ -204,11 +204,6 @@ def _refine_chunk(model: Model, s_p: torch.Tensor, t_p: torch.Tensor, s_l: torch
         with torch.no_grad():
             done.append(stage_now().detach())
     return transform.pack(done)
-
-
-def _swap(f: Callable) -> Callable:
-    """``f(params, points)`` as ``g(points, params)`` (points bound first by partial)."""
-    return lambda points, params: f(params, points)
 
 
 def _regularised(model: Model, loss: Callable[[torch.Tensor], torch.Tensor]
