@@ -59,6 +59,10 @@ class Config:
     max_rotation: float = math.pi / 4
     max_scaling: float = 0.2
     max_shearing: float = math.pi / 4
+    # Extension: the STN's architecture for an affine. 0: the published encoder and
+    # regression head; n >= 2: a keypoint STN, whose shared network marks n per axis
+    # (n^dim) keypoints in S' and in T' and whose affine is their least-squares fit.
+    stn_keypoints: int = 0
     # Extensions: B-spline model.
     bspline_spacing: int = 10
     max_displacement: float = 0.2
@@ -240,6 +244,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.grid_centre not in GRID_CENTRES:
         raise err("grid_centre", f"must be one of {', '.join(GRID_CENTRES)}; "
                   f"got '{cfg.grid_centre}'")
+    if cfg.stn_keypoints < 0 or cfg.stn_keypoints == 1:
+        raise err("stn_keypoints", f"must be 0 (the published STN) or >= 2 (keypoints per "
+                  f"axis), got {cfg.stn_keypoints}")
     if cfg.refine_batch < 0:
         raise err("refine_batch", "must be >= 0 (0 refines all pairs together)")
     for key in ("learning_rate", "max_scaling", "max_displacement", "bspline_spacing"):

@@ -174,13 +174,14 @@ def upgrade_stn_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
     Then the head's layers sat beside the encoder (``fc.0.weight``, ``translation.bias``;
     B-spline ``head.weight``); now they sit in ``head`` (B-spline: ``head.linear``).
-    Today's names (``encoder.``, ``head.``, a cascade's ``stages.``) are returned unchanged.
+    Today's names (``encoder.``, ``head.``, a cascade's ``stages.``, ``keypoint_stn.``)
+    are returned unchanged.
     """
     out = {}
     for k, v in weights.items():
         if k in ("head.weight", "head.bias"):
             k = "head.linear." + k[5:]
-        elif not k.startswith(("encoder.", "head.", "stages.")):
+        elif not k.startswith(("encoder.", "head.", "stages.", "keypoint_stn.")):
             k = "head." + k
         out[k] = v
     return out

@@ -23,7 +23,7 @@ from ..spatial import Transformation
 # Config keys that define the network or its input data: a model only fits data
 # prepared with the same values.
 NETWORK_KEYS = ("size", "spacing", "normalizer_img", "normalizer_seg", "grid_orientation",
-                "grid_centre", "labels", "soi_components")
+                "grid_centre", "labels", "soi_components", "stn_keypoints")
 
 Scaling = dict[str, list[float]]
 
@@ -56,7 +56,7 @@ class Model(nn.Module):
         c = cfg.soi_channels
         itn = ITN(cfg.dim, 1, c) if uses_itn(strategy) else None
         self.stn = STN(transformation, cfg.shape, c if itn is not None else 1,
-                       **cfg.stn_options(transformation))
+                       keypoints=cfg.stn_keypoints, **cfg.stn_options(transformation))
         self.itn = itn
         self.similarity = new_similarity(cfg.similarity)
         # the terms that compare with a SoI (None: the published MSE / 'similarity')

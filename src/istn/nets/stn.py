@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..errors import IstnError
 from ..spatial import Transformation, new_transformation, warp
+from .keypoints import KeypointSTN
 from .layers import avg_pool, conv
 
 
@@ -65,11 +66,20 @@ class STN(nn.Module):
     """
 
     def __init__(self, transformation: str, shape: Sequence[int], channels: int = 1,
-                 **options):
+                 keypoints: int = 0, **options):
         super().__init__()
         self.dim = len(shape)
         self.transform: Transformation = new_transformation(transformation, shape, **options)
-        if self.transform.stages:  # a cascade: one STN per stage
+        self.keypoint_stn: KeypointSTN | None = None
+        if keypoints:  # config 'stn_keypoints': an affine fitted to keypoints
+            if transformation != "affine":
+                raise IstnError(f"config 'stn_keypoints' {keypoints} needs the affine "
+                                f"transformation (got '{transformation}'); set it to 0")
+            if min(shape) < 4:
+                raise IstnError(f"config 'size': {list(shape)[::-1]} is too small for a "
+                                "keypoint STN; every axis needs at least 4 voxels")
+            self.keypoint_stn = KeypointSTN(self.dim, channels, shape, keypoints)
+        elif self.transform.stages:  # a cascade: one STN per stage
             self.stages = nn.ModuleList(
                 STN(t.name, shape, channels, **{a: v for a, v in options.items()
                                                 if a in type(t).options})
@@ -79,6 +89,8 @@ class STN(nn.Module):
             self.head = self.transform.head(self.encoder.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keypoint_stn is not None:
+            return self.keypoint_stn(x)
         if not self.transform.stages:
             return self.head(self.encoder(x))
         parts: list[torch.Tensor] = []
