@@ -89,3 +89,59 @@ def test_keypoints_need_the_affine_and_two_per_axis():
     with pytest.raises(IstnError, match="stn_keypoints"):
         validate(Config(stn_keypoints=-2))
     assert validate(Config(stn_keypoints=3)).stn_keypoints == 3
+
+
+def _blobs(g: torch.Generator, shape: tuple[int, ...], n: int = 6) -> torch.Tensor:
+    """An image [1, 1, *shape] of ``n`` Gaussian blobs of different sizes (an 'anatomy')."""
+    coords = F.affine_grid(torch.eye(2, 3)[None], [1, 1, *shape],
+                           align_corners=ALIGN_CORNERS)[0]
+    img = torch.zeros(shape)
+    for _ in range(n):
+        c = torch.rand(2, generator=g) - 0.5
+        s = 0.08 + 0.12 * torch.rand(1, generator=g)
+        img += torch.exp(-((coords - c) ** 2).sum(-1) / (2 * s ** 2))
+    return img[None, None]
+
+
+def _random_theta(g: torch.Generator, b: int) -> torch.Tensor:
+    angle = (torch.rand(b, generator=g) - 0.5) * 0.4  # +-11 degrees
+    scale = 1 + (torch.rand(b, 2, generator=g) - 0.5) * 0.2
+    shift = (torch.rand(b, 2, generator=g) - 0.5) * 0.3
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    lin = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    return torch.cat([lin * scale[:, None], shift[..., None]], dim=-1)
+
+
+def test_a_trained_keypoint_stn_registers_unseen_pairs_better_than_none():
+    """Trained 300 steps on pairs of one 2D 'anatomy' under random affines (its own
+    warped copy as target, MSE), the STN alone aligns unseen pairs: the mean error of
+    its sampling map over the grid is at most a third of no registration's."""
+    from istn.spatial import identity_grid, warp
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    shape = (40, 40)
+    src = _blobs(g, shape)
+    stn = STN("affine", shape, 1, keypoints=3)
+    opt = torch.optim.Adam(stn.parameters(), lr=3e-3)
+    grid = identity_grid(shape)[None]
+
+    def pairs(b):
+        theta = _random_theta(g, b)
+        trg = warp(src.expand(b, -1, -1, -1), stn.transform.grid(theta))
+        return theta, trg
+
+    for _ in range(300):
+        theta, trg = pairs(8)
+        pred = stn(torch.cat([src.expand(8, -1, -1, -1), trg], dim=1))
+        loss = F.mse_loss(warp(src.expand(8, -1, -1, -1), stn.transform.grid(pred)), trg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    theta, trg = pairs(16)
+    with torch.no_grad():
+        pred = stn(torch.cat([src.expand(16, -1, -1, -1), trg], dim=1))
+    truth = stn.transform.grid(theta)
+    err = (stn.transform.grid(pred) - truth).norm(dim=-1).mean()
+    none = (grid - truth).norm(dim=-1).mean()
+    assert err < none / 3, (float(err), float(none))
