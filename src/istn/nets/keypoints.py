@@ -54,7 +54,7 @@ def anchors(n: int, dim: int) -> torch.Tensor:
 class KeypointNet(nn.Module):
     """Images [N, C, *shape] -> keypoints [N, n^dim, dim] (normalised x, y[, z]).
 
-    conv3 + ReLU (8 channels), average pooling 2, two conv3 + ReLU (16, 16), average
+    Average pooling 2, conv3 + ReLU (8 channels), two conv3 + ReLU (16, 16), average
     pooling 2, conv3 + ReLU (32), then a conv3 to one logit map per keypoint at a
     quarter of the resolution; the softmax centroid of each map (plus its anchor's
     window) is the keypoint.
@@ -65,7 +65,7 @@ class KeypointNet(nn.Module):
         width = [8, 16, 16, 32]
         k = n ** dim
         self.net = nn.Sequential(
-            conv(dim, channels, width[0], 3, padding=1), nn.ReLU(), avg_pool(dim, 2),
+            avg_pool(dim, 2), conv(dim, channels, width[0], 3, padding=1), nn.ReLU(),
             conv(dim, width[0], width[1], 3, padding=1), nn.ReLU(),
             conv(dim, width[1], width[2], 3, padding=1), nn.ReLU(), avg_pool(dim, 2),
             conv(dim, width[2], width[3], 3, padding=1), nn.ReLU(),
