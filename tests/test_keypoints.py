@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from istn.config import Config, validate
+from istn.engine.checkpoint import check_weights
 from istn.errors import IstnError
 from istn.nets import STN
 from istn.nets.keypoints import KeypointNet, anchors, fit_affine
@@ -90,6 +91,23 @@ def test_keypoints_need_the_affine_and_two_per_axis():
         validate(Config(stn_keypoints=-2))
     assert validate(Config(stn_keypoints=3)).stn_keypoints == 3
 
+
+
+def test_weights_of_the_first_keypoint_layout_are_refused_with_a_way_out():
+    # istn's first keypoint net began with a conv (net.0); today it pools first (net.1)
+    stn = STN("affine", (16, 20), 1, keypoints=2)
+    prefix = "keypoint_stn.keypoints.net."
+
+    def shifted(k: str) -> str:  # net.1.weight -> net.0.weight
+        if not k.startswith(prefix):
+            return k
+        i, rest = k[len(prefix):].split(".", 1)
+        return f"{prefix}{int(i) - 1}.{rest}"
+
+    old = {shifted(k): v for k, v in stn.state_dict().items()}
+    with pytest.raises(IstnError, match="do not fit.*retrain"):
+        check_weights(stn, old, "STN", "old.pt")
+    check_weights(stn, stn.state_dict(), "STN", "new.pt")  # today's layout loads
 
 def _blobs(g: torch.Generator, shape: tuple[int, ...], n: int = 6) -> torch.Tensor:
     """An image [1, 1, *shape] of ``n`` Gaussian blobs of different sizes (an 'anatomy')."""

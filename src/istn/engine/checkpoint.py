@@ -162,7 +162,9 @@ def check_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], what: 
     if missing or unexpected:
         detail = (f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'")
         raise IstnError(f"model '{source}': the {what} weights do not fit the network "
-                        f"({detail}; {len(missing)} missing, {len(unexpected)} unexpected)")
+                        f"({detail}; {len(missing)} missing, {len(unexpected)} unexpected); "
+                        "it is damaged or from an istn whose network differs: retrain it "
+                        "with this istn")
     for k, v in own.items():
         if tuple(weights[k].shape) != tuple(v.shape):
             raise IstnError(f"model '{source}': the {what} weight '{k}' has shape "
