@@ -92,7 +92,6 @@ def test_keypoints_need_the_affine_and_two_per_axis():
     assert validate(Config(stn_keypoints=3)).stn_keypoints == 3
 
 
-
 def test_weights_of_the_first_keypoint_layout_are_refused_with_a_way_out():
     # istn's first keypoint net began with a conv (net.0); today it pools first (net.1)
     stn = STN("affine", (16, 20), 1, keypoints=2)
@@ -108,6 +107,7 @@ def test_weights_of_the_first_keypoint_layout_are_refused_with_a_way_out():
     with pytest.raises(IstnError, match="do not fit.*retrain"):
         check_weights(stn, old, "STN", "old.pt")
     check_weights(stn, stn.state_dict(), "STN", "new.pt")  # today's layout loads
+
 
 def _blobs(g: torch.Generator, shape: tuple[int, ...], n: int = 6) -> torch.Tensor:
     """An image [1, 1, *shape] of ``n`` Gaussian blobs of different sizes (an 'anatomy')."""
